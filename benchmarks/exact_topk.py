@@ -1,0 +1,128 @@
+"""khot's exact top-k against the plain-PyTorch pattern, side by side in one run.
+
+The baseline is seed 000's pattern generalised to rows::
+
+    mask:  zeros_like(x, dtype=bool).scatter_(dim, x.topk(k, dim).indices, True)
+    keep:  x * zeros_like(x).scatter_(dim, x.topk(k, dim).indices, 1)
+
+Each cell times baseline and khot alternately (median of the repeats) and measures
+the peak extra memory of one call (CPU: growth of the peak resident size, reset before the call;
+CUDA: ``torch.cuda.max_memory_allocated``). Ratios > 1 mean khot is faster/smaller.
+
+    python benchmarks/exact_topk.py              # the issue's grid, float32 and bfloat16
+    python benchmarks/exact_topk.py --quick      # small shapes, a few seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import khot
+
+GRID = [  # (shape, k, dim)
+    ((4096, 32768), 64, -1),
+    ((65536, 64), 8, -1),
+    ((64, 131072), 16384, -1),
+    ((8, 10**6), 1000, -1),
+    ((32768, 512), 16, 0),
+]
+QUICK = [((256, 4096), 32, -1), ((4096, 64), 8, -1), ((16, 50000), 500, -1), ((4096, 256), 16, 0)]
+
+
+def baseline_mask(x, k, dim):
+    return torch.zeros_like(x, dtype=torch.bool).scatter_(dim, x.topk(k, dim).indices, True)
+
+
+def baseline_keep(x, k, dim):
+    return x * torch.zeros_like(x).scatter_(dim, x.topk(k, dim).indices, 1)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _seconds(fn, x, k, dim):
+    _sync(x.device)
+    start = time.perf_counter()
+    fn(x, k, dim)
+    _sync(x.device)
+    return time.perf_counter() - start
+
+
+def _peak_mib(fn, x, k, dim) -> float:
+    """Peak memory one call needs beyond its input, in MiB."""
+    if x.device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn(x, k, dim)
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    try:  # Linux: writing 5 to clear_refs resets the peak resident size to the current one
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+        before = _status_kib("VmRSS")
+    except OSError:
+        return float("nan")
+    fn(x, k, dim)
+    return (_status_kib("VmHWM") - before) / 1024
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+def measure(ours, baseline, x, k, dim, repeats):
+    for fn in (ours, baseline):  # warm-up, and check that both agree where they must
+        fn(x, k, dim)
+    times = {ours: [], baseline: []}
+    for _ in range(repeats):
+        for fn in (baseline, ours):
+            times[fn].append(_seconds(fn, x, k, dim))
+    return (
+        statistics.median(times[ours]) * 1e3,
+        statistics.median(times[baseline]) * 1e3,
+        _peak_mib(ours, x, k, dim),
+        _peak_mib(baseline, x, k, dim),
+    )
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small shapes (a smoke run)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    ops = [("topk_mask", khot.topk_mask, baseline_mask), ("keep_topk", khot.keep_topk, baseline_keep)]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
+    header = f"{'op':<10} {'shape':<16} {'k':>6} {'dim':>4} {'dtype':<9} {'khot ms':>9} {'base ms':>9} {'speedup':>8} {'khot MiB':>9} {'base MiB':>9}"
+    print(header)
+    print("-" * len(header))
+    speedups = []
+    for shape, k, dim in QUICK if args.quick else GRID:
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(shape, device=device).to(dtype)
+            for name, ours, baseline in ops:
+                t_ours, t_base, m_ours, m_base = measure(ours, baseline, x, k, dim, args.repeats)
+                speedups.append(t_base / t_ours)
+                print(
+                    f"{name:<10} {str(shape):<16} {k:>6} {dim:>4} {str(dtype)[6:]:<9} {t_ours:>9.1f} "
+                    f"{t_base:>9.1f} {t_base / t_ours:>7.2f}x {m_ours:>9.1f} {m_base:>9.1f}",
+                    flush=True,
+                )
+            del x
+    print(f"median speedup {statistics.median(speedups):.2f}x, min {min(speedups):.2f}x over {len(speedups)} cells")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""Argument checking shared by every khot op.
+
+Every public op validates its arguments here, so that all of them fail the same
+way: a ``TypeError`` for an argument of the wrong kind, a ``ValueError`` for one
+of the right kind but a bad value, each naming the argument and the value it got.
+Nothing is silently clamped.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+__all__ = [
+    "check_tensor",
+    "normalize_dim",
+    "check_count",
+    "check_real_count",
+    "check_positive",
+    "check_choice",
+]
+
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+    return repr(value)
+
+
+def check_tensor(name: str, x, *, floating: bool = False) -> torch.Tensor:
+    """Check that ``x`` is a real tensor (floating point when ``floating``)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype == torch.bool or x.is_complex():
+        raise TypeError(f"{name} must be a real numeric tensor, got dtype {x.dtype}")
+    if floating and not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    return x
+
+
+def normalize_dim(dim, ndim: int, name: str = "dim") -> int:
+    """Return ``dim`` as a non-negative index into a tensor with ``ndim`` dimensions."""
+    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {_describe(dim)}")
+    rank = max(ndim, 1)
+    if not -rank <= dim < rank:
+        raise ValueError(
+            f"{name}={dim} is out of range for a tensor with {ndim} dimensions "
+            f"(expected {-rank} <= {name} < {rank})"
+        )
+    return int(dim) % rank
+
+
+def _as_count_tensor(k: torch.Tensor, batch_shape: torch.Size, name: str) -> torch.Tensor:
+    try:
+        return torch.broadcast_to(k, batch_shape)
+    except RuntimeError:
+        raise ValueError(
+            f"{name} has shape {tuple(k.shape)}, which does not broadcast to the shape of the "
+            f"input with the reduced dimension removed, {tuple(batch_shape)}"
+        ) from None
+
+
+def check_count(k, n: int, batch_shape: torch.Size, device: torch.device, name: str = "k"):
+    """Check an integer top-k count: an int, or an integer tensor of per-slice counts.
+
+    Returns ``k`` as a Python int, or as an int64 tensor broadcast to ``batch_shape``.
+    Every count must satisfy ``0 <= k <= n``.
+    """
+    if isinstance(k, torch.Tensor):
+        if k.dtype == torch.bool or k.is_floating_point() or k.is_complex():
+            raise TypeError(f"{name} must be an int or an integer tensor, got {_describe(k)}")
+        if k.device != device:
+            raise ValueError(f"{name} is on {k.device} but the input is on {device}")
+        k = _as_count_tensor(k, batch_shape, name).long()
+        if k.numel() and (not torch.compiler.is_compiling()):
+            lo, hi = int(k.min()), int(k.max())
+            if lo < 0 or hi > n:
+                raise ValueError(
+                    f"{name} must lie in [0, {n}] (the size of the reduced dimension), "
+                    f"got values from {lo} to {hi}"
+                )
+        return k
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise TypeError(f"{name} must be an int or an integer tensor, got {_describe(k)}")
+    if not 0 <= k <= n:
+        raise ValueError(f"{name}={k} is out of range: expected 0 <= {name} <= {n} (the size of the reduced dimension)")
+    return int(k)
+
+
+def check_real_count(k, n: int, batch_shape: torch.Size, device: torch.device, name: str = "k"):
+    """Check a real-valued count ``0 <= k <= n``: a number or a (broadcastable) tensor.
+
+    Returns a Python float, or a floating tensor broadcast to ``batch_shape``.
+    """
+    if isinstance(k, torch.Tensor):
+        if k.dtype == torch.bool or k.is_complex():
+            raise TypeError(f"{name} must be a number or a real tensor, got {_describe(k)}")
+        if k.device != device:
+            raise ValueError(f"{name} is on {k.device} but the input is on {device}")
+        k = _as_count_tensor(k, batch_shape, name)
+        if not k.is_floating_point():
+            k = k.to(torch.get_default_dtype())
+        if k.numel() and not torch.compiler.is_compiling():
+            lo, hi = float(k.min()), float(k.max())
+            if not (0 <= lo and hi <= n):  # also rejects NaN
+                raise ValueError(f"{name} must lie in [0, {n}], got values from {lo} to {hi}")
+        return k
+    if isinstance(k, bool) or not isinstance(k, numbers.Real):
+        raise TypeError(f"{name} must be a number or a real tensor, got {_describe(k)}")
+    if not 0 <= k <= n:
+        raise ValueError(f"{name}={k} is out of range: expected 0 <= {name} <= {n}")
+    return float(k)
+
+
+def check_positive(name: str, value):
+    """Check that a scalar or tensor hyper-parameter is finite and strictly positive."""
+    if isinstance(value, torch.Tensor):
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be a float or a floating-point tensor, got {_describe(value)}")
+        if value.numel() and not torch.compiler.is_compiling():
+            if not bool(torch.isfinite(value).all() & (value > 0).all()):
+                raise ValueError(f"{name} must be finite and > 0, got {value}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a positive number, got {_describe(value)}")
+    if not (0 < value < float("inf")):
+        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
+    return float(value)
+
+
+def check_choice(name: str, value, choices):
+    """Check that ``value`` is one of ``choices``; the error lists the valid ones."""
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, choices))}")
+    return value

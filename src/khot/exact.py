@@ -1,0 +1,284 @@
+"""Exact top-k: k-hot masks, "zero all but the top k", and row selection by scores.
+
+Ranking rules, shared by every op here and by every device:
+
+* **Ties**: among equal values the lower index wins. The masks for ``k`` and ``k + 1``
+  are therefore nested, and the result does not depend on the device or on ``k``.
+* **NaN** ranks above ``+inf``, as in :func:`torch.sort` and :func:`torch.topk`: with
+  ``largest=True`` NaNs are selected first, with ``largest=False`` they are selected
+  only when a slice has fewer than ``k`` other values. ``+inf`` and ``-inf`` are
+  ordinary values.
+* ``magnitude=True`` ranks by ``|x|`` (the rules above then apply to ``|x|``).
+
+How it is fast: a slice's top-k always lies inside the ``k`` chunks (runs of ``m``
+neighbouring elements) with the largest chunk maxima, so on the CPU we take chunk
+maxima in one cheap reduction and run the selection only on those ``k * m``
+candidates (:func:`_topk_candidates`). The output is written once, by a scatter into
+a fresh tensor. Slices with a tie or a NaN at the k-th place are then repaired with
+an exact O(n) threshold rule (:func:`_threshold_mask`), so the tie rule holds.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._checks import check_count, check_tensor, normalize_dim
+
+__all__ = ["topk_mask", "keep_topk", "select_topk"]
+
+# Flagged slices are repaired in blocks of at most this many elements, so that the
+# repair never needs more scratch memory than a small fraction of a large input.
+_REPAIR_BLOCK = 1 << 22
+
+
+def _chunk_length(n: int, k: int) -> int:
+    """Chunk length that balances the chunk-maxima selection against the candidate one."""
+    m = math.isqrt(n // (2 * max(k, 1)))
+    return m if m >= 4 else 1
+
+
+def _topk_candidates(key: torch.Tensor, k: int, dim: int, largest: bool):
+    """``torch.topk(key, k, dim, largest, sorted=True)`` by pruning to the best chunks.
+
+    Chunk ``j`` holds the elements ``j, j + c, j + 2c, ...`` (strided, so that the
+    chunk maxima are one vectorised reduction over an outer dimension). Exact for the
+    values; among equal values any indices may be returned (callers repair ties).
+    With ``largest=False`` a NaN hides a chunk's minimum, so slices with NaNs fall
+    back to a plain :func:`torch.topk`.
+    """
+    n = key.shape[dim]
+    m = _chunk_length(n, k)
+    if m == 1 or key.device.type != "cpu":
+        return torch.topk(key, k, dim, largest=largest, sorted=True)
+    chunks = n // m
+    blocks = key.narrow(dim, 0, chunks * m).unflatten(dim, (m, chunks))
+    leaders = blocks.amax(dim) if largest else blocks.amin(dim)
+    if not largest and leaders.is_floating_point() and bool(leaders.isnan().any()):
+        return torch.topk(key, k, dim, largest=largest, sorted=True)
+    _, best = _topk_candidates(leaders, k, dim, largest)
+    trailing = (1,) * (key.dim() - dim - 1)
+    offsets = torch.arange(0, chunks * m, chunks, device=key.device).view((m, 1) + trailing)
+    index = (best.unsqueeze(dim) + offsets).flatten(dim, dim + 1)
+    if chunks * m < n:  # the tail that fills no whole chunk is always a candidate
+        shape = list(index.shape)
+        shape[dim] = n - chunks * m
+        tail = torch.arange(chunks * m, n, device=key.device).view((-1,) + trailing)
+        index = torch.cat([index, tail.expand(shape)], dim)
+    values, pick = torch.topk(key.gather(dim, index), k, dim, largest=largest, sorted=True)
+    return values, index.gather(dim, pick)
+
+
+def _threshold_mask(key: torch.Tensor, t: torch.Tensor, k, dim: int, largest: bool) -> torch.Tensor:
+    """Exact k-hot mask given ``t``, the k-th ranked value of every slice (broadcast along ``dim``).
+
+    Selects every element ranked strictly before ``t``, then the lowest-index
+    elements equal to ``t`` until ``k`` are taken. NaN ranks above everything.
+    """
+    key_nan, t_nan = key.isnan(), t.isnan()
+    if largest:
+        before = (key > t) | (key_nan & ~t_nan)
+    else:
+        before = (key < t) | (~key_nan & t_nan)
+    equal = (key == t) | (key_nan & t_nan)
+    need = k - before.sum(dim, keepdim=True)
+    return before | (equal & (equal.cumsum(dim, dtype=torch.int32) <= need))
+
+
+def _kth(values: torch.Tensor, k, dim: int) -> torch.Tensor:
+    """The ``k``-th entry (1-based, clamped into range) of sorted ``values`` along ``dim``."""
+    last = values.shape[dim] - 1
+    if isinstance(k, int):
+        return values.narrow(dim, min(max(k - 1, 0), last), 1)
+    return values.gather(dim, (k - 1).clamp(0, last).unsqueeze(dim))
+
+
+class _Selection:
+    """The top-k of every slice of ``key`` along ``dim``, before it is written out.
+
+    ``index``: candidate indices (the best ``max(k) + 1``), ``take``: which of them are
+    selected (``None``: the first ``k``), ``dirty``: slices (shape of ``key`` without
+    ``dim``) whose candidates cannot settle a tie or NaN at the k-th place and must
+    be rebuilt with :func:`_threshold_mask` from ``threshold``.
+    """
+
+    def __init__(self, key: torch.Tensor, k, dim: int, largest: bool):
+        n = key.shape[dim]
+        kmax = k if isinstance(k, int) else int(k.max())
+        values, self.index = _topk_candidates(key, min(kmax + 1, n), dim, largest)
+        if isinstance(k, int):
+            self.index, self.take = self.index.narrow(dim, 0, k), None
+        else:
+            shape = [1] * key.dim()
+            shape[dim] = values.shape[dim]
+            ranks = torch.arange(values.shape[dim], device=key.device).view(shape)
+            self.take = ranks < k.unsqueeze(dim)
+        self.threshold = _kth(values, k, dim)
+        following = _kth(values, k + 1, dim)
+        separated = self.threshold > following if largest else self.threshold < following
+        settled = separated.squeeze(dim) | (k == 0) | (k == n)  # NaN compares False: unsettled
+        self.dirty = None if bool(settled.all()) else ~settled
+
+    def scatter(self, out: torch.Tensor, dim: int, src) -> torch.Tensor:
+        """Write ``src`` (a scalar or values aligned with ``index``) to the selected places of ``out``, in place."""
+        if not isinstance(src, torch.Tensor):
+            src = torch.full(self.index.shape, src, dtype=out.dtype, device=out.device)
+        if self.take is not None:
+            src = torch.where(self.take, src, torch.zeros((), dtype=src.dtype, device=src.device))
+        return out.scatter_(dim, self.index, src)
+
+
+def _repair(out, key, x, sel: _Selection, k, dim: int, largest: bool, keep_values: bool):
+    """Rebuild the dirty slices of ``out`` exactly, a block of slices at a time."""
+    rows = sel.dirty.nonzero(as_tuple=True)
+    key_rows = key.movedim(dim, -1)
+    t_rows = sel.threshold.movedim(dim, -1)
+    k_rows = k if isinstance(k, int) else k[rows].unsqueeze(-1)
+    block = max(1, _REPAIR_BLOCK // max(key.shape[dim], 1))
+    out_rows = out.movedim(dim, -1)
+    for start in range(0, rows[0].numel(), block):
+        part = tuple(r[start : start + block] for r in rows)
+        kk = k_rows if isinstance(k, int) else k_rows[start : start + block]
+        mask = _threshold_mask(key_rows[part], t_rows[part], kk, -1, largest)
+        if keep_values:
+            xs = x.movedim(dim, -1)[part]
+            mask = torch.where(mask, xs, torch.zeros((), dtype=xs.dtype, device=xs.device))
+        out_rows[part] = mask
+    return out
+
+
+def _prepare(x, k, dim, name="x"):
+    check_tensor(name, x)
+    dim = normalize_dim(dim, x.dim())
+    while x.dim() < 2:  # give every op at least one batch dimension
+        x, dim = x.unsqueeze(0), dim + 1
+    batch = x.shape[:dim] + x.shape[dim + 1 :]
+    k = check_count(k, x.shape[dim], batch, x.device)
+    return x, k, dim
+
+
+def _mask(x, k, dim: int, largest: bool, magnitude: bool, keep_values: bool):
+    """The exact k-hot mask of ``x`` (``keep_values=False``) or ``x`` zeroed outside it."""
+    n = x.shape[dim]
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    if x.numel() == 0 or (isinstance(k, int) and k == n):
+        return x.clone() if keep_values else torch.ones(x.shape, dtype=torch.bool, device=x.device)
+    key = x.abs() if magnitude else x
+    if torch.compiler.is_compiling():  # one branch-free pass: no data-dependent shapes
+        values = torch.topk(key, max(k, 1) if isinstance(k, int) else n, dim, largest).values
+        kk = k if isinstance(k, int) else k.unsqueeze(dim)
+        mask = _threshold_mask(key, _kth(values, k, dim), kk, dim, largest)
+        return torch.where(mask, x, zero) if keep_values else mask
+    sel = _Selection(key, k, dim, largest)
+    if keep_values:
+        out = sel.scatter(torch.zeros_like(x), dim, x.gather(dim, sel.index))
+    else:
+        out = sel.scatter(torch.zeros(x.shape, dtype=torch.bool, device=x.device), dim, True)
+    if sel.dirty is not None:
+        out = _repair(out, key, x, sel, k, dim, largest, keep_values)
+    return out
+
+
+def topk_mask(x: torch.Tensor, k, dim: int = -1, *, largest: bool = True, magnitude: bool = False) -> torch.Tensor:
+    """Boolean k-hot mask of the top ``k`` entries of every slice of ``x`` along ``dim``.
+
+    Args:
+        x: a real tensor (floating point or integer).
+        k: an int, or an integer tensor of per-slice counts whose shape is that of
+            ``x`` without ``dim`` (or broadcasts to it); ``0 <= k <= x.shape[dim]``.
+        dim: the dimension to select along.
+        largest: select the largest (``True``) or the smallest (``False``) entries.
+        magnitude: rank by ``|x|`` instead of ``x``.
+
+    Returns:
+        A ``torch.bool`` tensor shaped like ``x`` with exactly ``k`` True entries in every
+        slice. Ties go to the lower index; NaN ranks above ``+inf`` (see :mod:`khot.exact`).
+
+    Example:
+        >>> import torch, khot
+        >>> x = torch.tensor([[1.0, 5.0, 2.0, 5.0], [-9.0, 3.0, 0.0, 1.0]])
+        >>> khot.topk_mask(x, 2).int()
+        tensor([[0, 1, 0, 1],
+                [0, 1, 0, 1]], dtype=torch.int32)
+        >>> khot.topk_mask(x, torch.tensor([1, 3]), magnitude=True).int()
+        tensor([[0, 1, 0, 0],
+                [1, 1, 0, 1]], dtype=torch.int32)
+    """
+    shape = x.shape if isinstance(x, torch.Tensor) else None
+    x, k, dim = _prepare(x, k, dim)
+    return _mask(x, k, dim, largest, magnitude, keep_values=False).view(shape)
+
+
+def keep_topk(x: torch.Tensor, k, dim: int = -1, *, largest: bool = True, magnitude: bool = False) -> torch.Tensor:
+    """``x`` with all but the top ``k`` entries of every slice along ``dim`` set to zero.
+
+    Same arguments and ranking rules as :func:`topk_mask`. The result has the dtype and
+    device of ``x``; the gradient flows to the kept entries only.
+
+    Example:
+        >>> import torch, khot
+        >>> x = torch.tensor([-1.0, 5.0, -2.0, 8.0, -3.0, 9.0, -10.0, 7.0])
+        >>> khot.keep_topk(x, 3)
+        tensor([0., 0., 0., 8., 0., 9., 0., 7.])
+        >>> khot.keep_topk(x, 3, magnitude=True)
+        tensor([  0.,   0.,   0.,   8.,   0.,   9., -10.,   0.])
+    """
+    shape = x.shape if isinstance(x, torch.Tensor) else None
+    x, k, dim = _prepare(x, k, dim)
+    return _mask(x, k, dim, largest, magnitude, keep_values=True).view(shape)
+
+
+def select_topk(x: torch.Tensor, scores: torch.Tensor, k: int, *, sorted: bool = True):
+    """The ``k`` rows of ``x`` with the highest ``scores`` (token pruning, kNN, beam search).
+
+    Args:
+        x: a tensor of shape ``(..., n, d)``.
+        scores: a real tensor of shape ``(..., n)`` (batch dimensions must match ``x``'s).
+        k: an int, ``0 <= k <= n``.
+        sorted: if ``True`` the rows come by descending score (ties: lower index first);
+            if ``False`` they come in increasing index order.
+
+    Returns:
+        ``(values, indices)``: ``values`` of shape ``(..., k, d)`` with ``values[..., j, :] ==
+        x[..., indices[..., j], :]``, and ``indices`` of shape ``(..., k)``, int64.
+        The gradient flows to the selected rows of ``x``; ``scores`` get none.
+
+    Example:
+        >>> import torch, khot
+        >>> x = torch.arange(8.0).view(4, 2)
+        >>> values, indices = khot.select_topk(x, torch.tensor([0.1, 0.9, 0.5, 0.9]), 2)
+        >>> indices
+        tensor([1, 3])
+        >>> values
+        tensor([[2., 3.],
+                [6., 7.]])
+    """
+    check_tensor("x", x)
+    check_tensor("scores", scores)
+    if x.dim() < 2:
+        raise ValueError(f"x must have shape (..., n, d), got shape {tuple(x.shape)}")
+    if scores.shape != x.shape[:-1]:
+        raise ValueError(
+            f"scores must have shape x.shape[:-1] = {tuple(x.shape[:-1])}, got {tuple(scores.shape)}"
+        )
+    if scores.device != x.device:
+        raise ValueError(f"scores are on {scores.device} but x is on {x.device}")
+    if not isinstance(k, int) or isinstance(k, bool):
+        raise TypeError(f"k must be an int for select_topk, got {type(k).__name__}")
+    mask = topk_mask(scores, k, -1)
+    indices = _positions(mask, k)
+    if sorted:
+        order = scores.gather(-1, indices).sort(dim=-1, descending=True, stable=True).indices
+        indices = indices.gather(-1, order)
+    values = x.gather(-2, indices.unsqueeze(-1).expand(*indices.shape, x.shape[-1]))
+    return values, indices
+
+
+def _positions(mask: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the True entries of a mask with exactly ``k`` per row, in increasing order."""
+    slot = mask.cumsum(-1) - 1
+    slot = torch.where(mask, slot, k)  # unselected entries go to a spare slot k, dropped below
+    positions = torch.arange(mask.shape[-1], device=mask.device).expand_as(mask)
+    out = torch.zeros(*mask.shape[:-1], k + 1, dtype=torch.long, device=mask.device)
+    return out.scatter(-1, slot, positions).narrow(-1, 0, k)

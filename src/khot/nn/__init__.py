@@ -1,0 +1,6 @@
+"""Thin ``torch.nn`` modules over khot's functions: they hold arguments, nothing else."""
+
+from .exact import TopK
+from .pruning import TokenPruning
+
+__all__ = ["TopK", "TokenPruning"]

@@ -1,0 +1,199 @@
+"""Successive halving top-k (Pietruszka, Borchmann and Graliński, 2020).
+
+A soft tournament: each round sorts the candidates by score, pairs the i-th best
+with the i-th worst and merges every pair into one candidate with the weights
+``softmax([s_i, s_j] / temperature)``; the merged score is the same weighted mix
+of the pair's scores.  The paper's "boosted softmax with base b" is
+``b**s_i / (b**s_i + b**s_j)``, i.e. ``temperature = 1 / ln(b)``: base 20 is
+temperature ``1/ln 20 ~= 0.334``, base 200 is ``~= 0.189``.  The weights depend only
+on the score difference (``sigmoid((s_i - s_j) / temperature)``), so adding a
+constant to all scores changes nothing.  (The public reference code applies a
+softmax to ``b**s``, which makes the split depend on the absolute score level.)
+
+Any ``1 <= k <= n``.  A round on ``m`` candidates makes ``p = m - max(k, ceil(m/2))``
+merges: the ``q = m - 2p`` best candidates pass through unchanged and the other
+``2p`` are paired best-with-worst.  So ``m`` shrinks to ``max(k, ceil(m/2))`` and
+exactly ``k`` candidates remain after ``ceil(log2(n/k))`` rounds.  When ``n/k`` is
+a power of two every round has ``q = 0`` and this is the paper's Algorithm 2,
+output for output.  In the sharp limit every merge keeps the better candidate,
+so each round keeps exactly the current top ``max(k, ceil(m/2))``: the result
+tends to the exact top-k, in descending score order.
+
+By linearity every output row is a weighted sum of the input rows that ended in
+its slot, with weights the products of the pair weights along each path.  Only
+the scores go through the rounds (``O(n)`` per round); the rows are combined once
+at the end.  The relaxed mask is exactly those weights: each lies in ``[0, 1]``
+and each slot's weights sum to 1, so the mask sums to ``k``.  The pairing comes
+from a sort and is not differentiated; the weights are.
+
+This module also holds the argument checks and helpers shared by the other
+relaxations of :mod:`khot.relaxed`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor
+
+from khot._checks import check_count, check_positive, check_tensor, normalize_dim
+
+__all__ = ["DEFAULT_TEMPERATURE", "halving_topk", "halving_select"]
+
+#: Default sharpness: base ``e**20 ~= 5e8`` in the paper's terms (the maintainers
+#: advise a base of at least 200).  A pair whose scores differ by 0.15 splits 0.95/0.05.
+DEFAULT_TEMPERATURE = 0.05
+
+_BLOCK_ELEMENTS = 1 << 22  # elements of one (batch, block, n) intermediate
+
+
+def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """float32 for half-precision inputs (fp32 accumulation), float64 stays float64."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _check_k(k, n: int, batch_shape: torch.Size, device: torch.device, *, per_row: bool = False):
+    """A count ``1 <= k <= n``; a per-row tensor only where ``per_row``."""
+    if isinstance(k, Tensor) and not per_row:
+        raise TypeError(f"k must be a Python int for this method, got a tensor of shape {tuple(k.shape)}")
+    k = check_count(k, n, batch_shape, device)
+    low = (int(k.min()) if k.numel() else 1) if isinstance(k, Tensor) else k
+    if low < 1:
+        raise ValueError(f"k={low} is out of range: expected 1 <= k <= {n} (the size of the reduced dimension)")
+    return k
+
+
+def _check_mask_args(scores, k, dim, temperature, *, per_row: bool = False):
+    """Validate the arguments of a mask function; return ``(dim, k, temperature)``."""
+    check_tensor("scores", scores, floating=True)
+    if scores.dim() == 0:
+        raise ValueError("scores must have at least one dimension, got a 0-d tensor")
+    dim = normalize_dim(dim, scores.dim())
+    batch_shape = scores.shape[:dim] + scores.shape[dim + 1 :]
+    k = _check_k(k, scores.shape[dim], batch_shape, scores.device, per_row=per_row)
+    return dim, k, check_positive("temperature", temperature)
+
+
+def _check_select_args(x, scores, k, temperature) -> tuple[int, float]:
+    """Validate ``x (..., n, d)``, ``scores (..., n)``, ``k`` and ``temperature``."""
+    check_tensor("x", x, floating=True)
+    check_tensor("scores", scores, floating=True)
+    if x.dim() < 2:
+        raise ValueError(f"x must have shape (..., n, d), got a tensor of shape {tuple(x.shape)}")
+    if scores.shape != x.shape[:-1]:
+        raise ValueError(
+            f"scores must have shape x.shape[:-1] = {tuple(x.shape[:-1])}, got {tuple(scores.shape)}"
+        )
+    if scores.device != x.device:
+        raise ValueError(f"scores is on {scores.device} but x is on {x.device}")
+    k = _check_k(k, x.shape[-2], x.shape[:-2], x.device)
+    return k, check_positive("temperature", temperature)
+
+
+def _rowwise(fn: Callable[[Tensor], Tensor], scores: Tensor, dim: int) -> Tensor:
+    """Apply ``fn`` to ``scores`` as (rows, n) in the compute dtype; restore layout and dtype."""
+    s = scores.movedim(dim, -1)
+    out = fn(s.reshape(-1, s.shape[-1]).to(_compute_dtype(scores)))
+    return out.reshape(s.shape).movedim(-1, dim).to(scores.dtype)
+
+
+def _select_rows(fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, scores: Tensor, k: int) -> Tensor:
+    """Apply ``fn(x (N, n, d), scores (N, n)) -> (N, k, d)`` to flattened batches."""
+    dtype = _compute_dtype(x, scores)
+    n, d = x.shape[-2:]
+    out = fn(x.reshape(-1, n, d).to(dtype), scores.reshape(-1, n).to(dtype))
+    return out.reshape(*x.shape[:-2], k, d).to(x.dtype)
+
+
+def _blocks(total: int, row_elements: int) -> Iterator[slice]:
+    """Split ``range(total)`` into blocks of about ``_BLOCK_ELEMENTS / row_elements`` items."""
+    size = max(1, _BLOCK_ELEMENTS // max(1, row_elements))
+    return (slice(i, min(i + size, total)) for i in range(0, max(total, 1), size))
+
+
+def _tournament(s: Tensor, k: int, temperature: float) -> tuple[Tensor, Tensor]:
+    """Play the tournament on ``s (N, n)``.
+
+    Returns ``slot`` (int64, the output slot in ``[0, k)`` of every input) and
+    ``weight`` (its weight in that slot).
+    """
+    N, n = s.shape
+    pos = torch.arange(n, device=s.device).expand(N, n)  # current position of every input
+    weight = torch.ones_like(s)
+    m = n
+    while m > k:
+        p = m - max(k, (m + 1) // 2)  # merges this round
+        q = m - 2 * p  # best candidates passing through
+        order = s.detach().argsort(dim=-1, descending=True, stable=True)
+        top, hi, lo = order[:, :q], order[:, q : q + p], order[:, q + p :].flip(-1)
+        s_hi, s_lo = s.gather(1, hi), s.gather(1, lo)
+        w_hi = torch.sigmoid((s_hi - s_lo) / temperature)
+        w_lo = 1 - w_hi
+        # rank r < q + p keeps position r; the partner of rank q + i (rank m - 1 - i) joins it
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(m, device=s.device).expand(N, m))
+        r = rank.gather(1, pos)
+        factor = torch.cat([torch.ones_like(s[:, :q]), w_hi, w_lo.flip(-1)], dim=1)
+        weight = weight * factor.gather(1, r)
+        pos = torch.minimum(r, m - 1 + q - r)
+        s = torch.cat([s.gather(1, top), w_hi * s_hi + w_lo * s_lo], dim=1)
+        m -= p
+    return pos, weight
+
+
+def halving_topk(scores: Tensor, k: int, dim: int = -1, *, temperature: float = DEFAULT_TEMPERATURE) -> Tensor:
+    """Relaxed k-hot mask by successive halving.
+
+    Entry ``i`` is the weight of input ``i`` in the output slot it ends in, so every
+    value lies in ``[0, 1]`` and every slice along ``dim`` sums to ``k``.  As
+    ``temperature -> 0`` the mask tends to the exact top-k mask.
+
+    Args:
+        scores: floating tensor of any shape; selection runs along ``dim``.
+        k: number of slots, ``1 <= k <= scores.shape[dim]``.
+        dim: the dimension to select along (negative counts from the end).
+        temperature: pair softmax temperature, ``1 / ln(base)`` of the paper.
+
+    >>> s = torch.tensor([0.1, 0.9, 0.5, 0.3])
+    >>> halving_topk(s, 2, temperature=0.1).round(decimals=2)
+    tensor([0.0000, 1.0000, 0.8800, 0.1200])
+    >>> halving_topk(s, 2, temperature=0.1).sum().item()
+    2.0
+    """
+    dim, k, temperature = _check_mask_args(scores, k, dim, temperature)
+    return _rowwise(lambda s: _tournament(s, k, temperature)[1], scores, dim)
+
+
+def halving_select(x: Tensor, scores: Tensor, k: int, *, temperature: float = DEFAULT_TEMPERATURE) -> Tensor:
+    """Soft-select ``k`` rows of ``x`` by successive halving on ``scores``.
+
+    Args:
+        x: rows, shape ``(..., n, d)``.
+        scores: one score per row, shape ``(..., n)``.
+        k: rows to return, ``1 <= k <= n``.
+        temperature: pair softmax temperature, ``1 / ln(base)`` of the paper.
+
+    Returns:
+        ``(..., k, d)``: the tournament's ``k`` survivors, each a convex combination
+        of input rows, in descending score order in the sharp limit (for ``k == n``
+        the input rows unchanged).  Differentiable w.r.t. ``x`` and ``scores``.  On
+        CUDA the final combination uses ``scatter_add`` (atomics: sums may differ in
+        the last bits between runs).
+
+    >>> x = torch.eye(4)
+    >>> s = torch.tensor([0.1, 0.9, 0.5, 0.3])
+    >>> halving_select(x, s, 2, temperature=0.1).round(decimals=2)
+    tensor([[0.0000, 1.0000, 0.0000, 0.0000],
+            [0.0000, 0.0000, 0.8800, 0.1200]])
+    """
+    k, temperature = _check_select_args(x, scores, k, temperature)
+
+    def select(x: Tensor, s: Tensor) -> Tensor:
+        slot, weight = _tournament(s, k, temperature)
+        out = x.new_zeros(x.shape[0], k, x.shape[-1])
+        return out.scatter_add(1, slot.unsqueeze(-1).expand_as(x), weight.unsqueeze(-1) * x)
+
+    return _select_rows(select, x, scores, k)

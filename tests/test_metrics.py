@@ -1,0 +1,52 @@
+import math
+
+import pytest
+import torch
+
+from khot.metrics import nccs
+
+
+def nccs_reference(selected: list[list[float]], target: list[list[float]]) -> float:
+    def cos(a, b):
+        return sum(x * y for x, y in zip(a, b)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+
+    return sum(max(cos(t, s) for s in selected) for t in target) / len(target)
+
+
+def test_matches_loop_reference():
+    g = torch.Generator().manual_seed(0)
+    selected = torch.randn(2, 3, 5, 4, generator=g, dtype=torch.float64)
+    target = torch.randn(2, 3, 5, 4, generator=g, dtype=torch.float64)
+    ref = [[nccs_reference(selected[i, j].tolist(), target[i, j].tolist()) for j in range(3)] for i in range(2)]
+    out = nccs(selected, target)
+    assert out.shape == (2, 3)
+    torch.testing.assert_close(out, torch.tensor(ref, dtype=torch.float64))
+
+
+def test_identical_sets_in_any_order_score_one():
+    target = torch.randn(4, 7, 6)
+    perm = torch.stack([torch.randperm(7) for _ in range(4)])
+    shuffled = target.gather(1, perm[..., None].expand(-1, -1, 6))
+    torch.testing.assert_close(nccs(shuffled, target), torch.ones(4))
+    assert nccs(-target, target).max() < 1  # not trivially one
+
+
+def test_low_precision_and_empty_batch():
+    a, b = torch.randn(3, 4, 8), torch.randn(3, 4, 8)
+    torch.testing.assert_close(nccs(a.half(), b.half()), nccs(a.half().float(), b.half().float()))
+    assert nccs(torch.rand(0, 4, 8), torch.rand(0, 4, 8)).shape == (0,)
+
+
+@pytest.mark.parametrize(
+    "selected,target,error,match",
+    [
+        (torch.rand(3, 4), torch.rand(2, 4), ValueError, "same shape"),
+        (torch.rand(4), torch.rand(4), ValueError, "target must have shape"),
+        (torch.rand(0, 4), torch.rand(0, 4), ValueError, "k >= 1"),
+        (torch.rand(3, 4), torch.ones(3, 4, dtype=torch.long), TypeError, "target"),
+        ([[1.0]], torch.rand(1, 1), TypeError, "selected"),
+    ],
+)
+def test_bad_input(selected, target, error, match):
+    with pytest.raises(error, match=match):
+        nccs(selected, target)

@@ -1,0 +1,231 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from khot.sampling import DESIGNS, pips_sample, straight_through
+
+EXACT = ("systematic", "brewer")
+ALPHA = 1e-6  # family-wise false-alarm rate of each statistical test
+
+
+def bernstein(p: torch.Tensor, draws: int, comparisons: int) -> torch.Tensor:
+    """Half-width of a (1 - ALPHA / comparisons) interval for a frequency of ``draws``
+    Bernoulli(p) trials, from Bernstein's inequality (no normal approximation):
+    P(|S - N p| >= e) <= 2 exp(-e^2 / (2 (N p (1 - p) + e / 3)))."""
+    t = math.log(2 * comparisons / ALPHA)
+    var = draws * p * (1 - p)
+    return (t / 3 + (t * t / 9 + 2 * var * t).sqrt()) / draws
+
+
+def sigmoid_topk(x: torch.Tensor, k: float) -> torch.Tensor:
+    """Reference sigmoid top-k along the last dim by float64 bisection on the shift."""
+    x = x.double()
+    lo = torch.full(x.shape[:-1] + (1,), -60.0, dtype=torch.float64)
+    hi = -lo
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        big = torch.sigmoid(x + mid).sum(-1, keepdim=True) > k
+        lo, hi = torch.where(big, lo, mid), torch.where(big, mid, hi)
+    return torch.sigmoid(x + (lo + hi) / 2)
+
+
+def draw(pi: torch.Tensor, draws: int, design: str, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return pips_sample(pi.expand(draws, -1), design=design, generator=g)
+
+
+def assert_frequencies(pi: torch.Tensor, x: torch.Tensor, slack: float = 0.0) -> None:
+    """Per-item inclusion frequencies and the sample-size distribution match ``pi``."""
+    pi = pi.double()
+    n_draws = x.shape[0]
+    s = pi.sum().item()
+    sizes = x.sum(-1)
+    lo = math.floor(s + 1e-9)
+    if abs(s - round(s)) < 1e-9:
+        assert (sizes == round(s)).all()
+    else:  # phantom item: size ceil(s) with probability frac(s)
+        assert ((sizes == lo) | (sizes == lo + 1)).all()
+        frac = torch.tensor(s - lo, dtype=torch.float64)
+        got = (sizes == lo + 1).double().mean()
+        assert (got - frac).abs() <= bernstein(frac, n_draws, 1), (got, frac)
+    freq = x.double().mean(0)
+    bound = bernstein(pi, n_draws, pi.numel()) + slack
+    assert ((freq - pi).abs() <= bound).all(), ((freq - pi).abs() / bound).max()
+
+
+CASES = {
+    "random": [0.12, 0.85, 0.33, 0.61, 0.07, 0.44, 0.29, 0.29],  # sum 3
+    "extreme": [1e-3, 0.999, 0.5, 2e-3, 0.998, 0.5, 1.0, 0.0],  # sum 4
+    "phantom": [0.12, 0.85, 0.33, 0.61, 0.07, 0.44, 0.23],  # sum 2.65
+    "small_k": [0.3, 0.05, 0.05, 0.1, 0.2, 0.15, 0.15],  # sum 1
+}
+
+
+@pytest.mark.parametrize("design", EXACT)
+@pytest.mark.parametrize("case", CASES)
+def test_exact_inclusion_probabilities(design, case):
+    pi = torch.tensor(CASES[case], dtype=torch.float64)
+    assert_frequencies(pi, draw(pi, 200_000, design))
+
+
+def test_exact_inclusion_probabilities_float32_sigmoid_topk():
+    pi = sigmoid_topk(torch.randn(40, generator=torch.Generator().manual_seed(3)) * 2, 6).float()
+    for design in EXACT:
+        x = draw(pi, 100_000, design)
+        assert (x.sum(-1) == 6).all()
+        assert_frequencies(pi.double() * (6 / pi.double().sum()), x)
+
+
+def test_pareto_error_is_as_documented():
+    # the module docstring states: about 0.005 to 0.007 for n = 10, k = 3, pi in [0.05, 0.95]
+    x = torch.randn(10, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 1.5
+    pi = 0.05 + 0.9 * sigmoid_topk(x, 2.5 / 0.9)  # sums to 10 * 0.05 + 2.5 = 3
+    x = draw(pi, 1_000_000, "pareto")
+    assert (x.sum(-1) == 3).all()
+    err = (x.double().mean(0) - pi).abs()
+    assert err.max() <= 0.01 + bernstein(pi, x.shape[0], 10).max()
+    assert err.max() > 0.001  # approximate: the test would notice if it were exact
+
+
+def test_pareto_phantom_sizes():
+    pi = torch.tensor(CASES["phantom"], dtype=torch.float64)
+    assert_frequencies(pi, draw(pi, 200_000, "pareto"), slack=0.03)
+
+
+def test_systematic_joint_inclusion_probabilities_are_positive():
+    pi = torch.tensor([0.3, 0.5, 0.4, 0.6, 0.2])
+    x = draw(pi, 100_000, "systematic").double()
+    pair = x.T @ x  # pair counts
+    assert (pair > 0).all(), pair
+    # an exact identity of fixed-size designs, estimated: sum_j pi_ij = k pi_i
+    assert torch.allclose(pair.sum(1) / x.shape[0], 2 * pi.double(), atol=0.02)
+
+
+# pi built to stress the bookkeeping: near-integer sums above and below the integer,
+# items near 1 that cannot absorb a shortfall, subnormals, exact 0 and 1, rounding.
+ADVERSARIAL = {
+    "near_one_shortfall": ([1 - 1e-7] * 3 + [0.0], torch.float64),
+    "tiny_excess": ([1.0, 1e-7, 1e-7, 1e-7, 0.0, 0.0], torch.float64),
+    "thirds": ([1 / 3] * 6, torch.float64),
+    "sevenths_f32": ([7 / 1000] * 1000, torch.float32),
+    "subnormal": ([1.0, 0.0, 1e-40, 0.5, 0.5 - 1e-8, 1e-8, 0.0, 1.0], torch.float32),
+    "shortfall_near_one": ([0.9999999, 0.9999990, 0.0000001, 0.0], torch.float64),
+    "all_zero": ([0.0] * 5, torch.float32),
+    "all_one": ([1.0] * 5, torch.float32),
+}
+
+
+@pytest.mark.parametrize("design", DESIGNS)
+@pytest.mark.parametrize("case", ADVERSARIAL)
+def test_exactly_k_zeros_and_ones(design, case):
+    values, dtype = ADVERSARIAL[case]
+    pi = torch.tensor(values, dtype=dtype)
+    x = draw(pi, 2000, design, seed=7)
+    assert (x.sum(-1) == round(pi.double().sum().item())).all()
+    assert (x[:, pi == 0] == 0).all() and (x[:, pi == 1] == 1).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("design", DESIGNS)
+def test_low_precision_sigmoid_topk_gives_exactly_k(dtype, design):
+    gen = torch.Generator().manual_seed(5)
+    k = torch.tensor([[1.0], [3.0], [8.0], [20.0]])
+    pi = sigmoid_topk(torch.randn(4, 50, generator=gen) * 3, k).to(dtype)
+    x = pips_sample(pi.repeat(500, 1), design=design, generator=gen)
+    assert x.dtype == dtype
+    assert (x.sum(-1).view(500, 4) == k.view(1, 4)).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, 4),
+    n=st.integers(1, 40),
+    seed=st.integers(0, 2**31),
+    design=st.sampled_from(DESIGNS),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
+)
+def test_size_rule_and_structure(rows, n, seed, design, dtype):
+    gen = torch.Generator().manual_seed(seed)
+    kind = torch.randint(0, 4, (rows, n), generator=gen)  # 0: zero, 1: one, else fractional
+    pi = torch.rand(rows, n, generator=gen, dtype=torch.float64) ** 3
+    pi = torch.where(kind == 0, 0.0, torch.where(kind == 1, 1.0, pi)).to(dtype)
+    x = pips_sample(pi, design=design, generator=gen)
+    s = pi.double().sum(-1)
+    sizes = x.double().sum(-1)
+    assert ((sizes == s.floor()) | (sizes == s.ceil())).all()
+    near = (s - s.round()).abs() <= 1e-6 + s * torch.finfo(dtype).eps
+    assert (sizes[near] == s.round()[near]).all()
+    assert (x[pi == 0] == 0).all() and (x[pi == 1] == 1).all()
+    assert ((x == 0) | (x == 1)).all()
+
+
+@pytest.mark.parametrize("design", DESIGNS)
+def test_reproducible_and_global_rng_untouched(design):
+    pi = sigmoid_topk(torch.randn(6, 30, generator=torch.Generator().manual_seed(0)), 4.5).float()
+    state = torch.random.get_rng_state()
+    a = pips_sample(pi, design=design, generator=torch.Generator().manual_seed(11))
+    b = pips_sample(pi, design=design, generator=torch.Generator().manual_seed(11))
+    c = pips_sample(pi, design=design, generator=torch.Generator().manual_seed(12))
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("design", DESIGNS)
+@pytest.mark.parametrize("dim", [0, 1, -1, -3])
+def test_any_dim(design, dim):
+    pi = sigmoid_topk(torch.randn(3, 4, 9, generator=torch.Generator().manual_seed(2)), 3).movedim(-1, dim)
+    x = pips_sample(pi, dim, design=design, generator=torch.Generator().manual_seed(1))
+    ref = pips_sample(pi.movedim(dim, -1), design=design, generator=torch.Generator().manual_seed(1))
+    assert x.shape == pi.shape and x.dtype == pi.dtype
+    assert torch.equal(x, ref.movedim(-1, dim))
+    assert (x.sum(dim) == 3).all()
+
+
+@pytest.mark.parametrize("design", DESIGNS)
+def test_degenerate_shapes(design):
+    g = torch.Generator().manual_seed(0)
+    for shape in [(0, 5), (3, 0), (0,)]:
+        assert pips_sample(torch.zeros(shape), design=design, generator=g).shape == shape
+    one = pips_sample(torch.tensor(1.0), design=design, generator=g)
+    assert one.shape == () and one.item() == 1.0
+    assert pips_sample(torch.tensor(0.0, dtype=torch.float64), design=design, generator=g).item() == 0.0
+    x = pips_sample(torch.full((10_000, 1), 0.25), design=design, generator=g)  # phantom 0.75
+    assert ((x == 0) | (x == 1)).all()
+    if design in EXACT:
+        assert abs(x.mean().item() - 0.25) <= bernstein(torch.tensor(0.25), 10_000, 1).item()
+
+
+def test_bad_input():
+    pi = torch.tensor([0.5, 0.5])
+    with pytest.raises(ValueError, match=r"pi must lie in \[0, 1\], got values from 0.5 to 1.5"):
+        pips_sample(torch.tensor([0.5, 1.5]))
+    with pytest.raises(ValueError, match="pi must lie in"):
+        pips_sample(torch.tensor([-1e-7, 1.0]))
+    with pytest.raises(ValueError, match="nan"):
+        pips_sample(torch.tensor([0.5, float("nan")]))
+    with pytest.raises(ValueError, match=r"design='gumbel' is not valid; choose one of 'systematic', 'brewer', 'pareto'"):
+        pips_sample(pi, design="gumbel")
+    with pytest.raises(TypeError, match="pi must be a floating-point tensor"):
+        pips_sample(torch.tensor([1, 0]))
+    with pytest.raises(TypeError, match="pi must be a torch.Tensor"):
+        pips_sample([0.5, 0.5])
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        pips_sample(pi, generator=0)
+    with pytest.raises(ValueError, match="generator is on cpu but pi is on meta"):
+        pips_sample(pi.to("meta"), generator=torch.Generator())
+    with pytest.raises(ValueError, match="dim=2 is out of range"):
+        pips_sample(pi, 2)
+
+
+def test_straight_through():
+    soft = torch.tensor([0.3, 0.7, 1e-8], dtype=torch.float32, requires_grad=True)
+    hard = torch.tensor([1.0, 0.0, 1.0])
+    y = straight_through(hard, soft)
+    assert torch.equal(y, hard)
+    (y * torch.tensor([2.0, -1.0, 4.0])).sum().backward()
+    assert torch.equal(soft.grad, torch.tensor([2.0, -1.0, 4.0]))
