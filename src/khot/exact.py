@@ -70,18 +70,25 @@ def _topk_candidates(key: torch.Tensor, k: int, dim: int, largest: bool):
     return values, index.gather(dim, pick)
 
 
+def _before(a: torch.Tensor, b: torch.Tensor, largest: bool) -> torch.Tensor:
+    """Whether ``a`` ranks strictly before ``b`` (elementwise; NaN ranks above everything)."""
+    if largest:
+        return (a > b) | (a.isnan() & ~b.isnan())
+    return (a < b) | (~a.isnan() & b.isnan())
+
+
+def _tied(a: torch.Tensor, b: torch.Tensor, nan: bool = True) -> torch.Tensor:
+    """Whether ``a`` and ``b`` rank equal (NaN ties with NaN; skip that test when ``nan=False``)."""
+    return (a == b) | (a.isnan() & b.isnan()) if nan else a == b
+
+
 def _threshold_mask(key: torch.Tensor, t: torch.Tensor, k, dim: int, largest: bool) -> torch.Tensor:
     """Exact k-hot mask given ``t``, the k-th ranked value of every slice (broadcast along ``dim``).
 
     Selects every element ranked strictly before ``t``, then the lowest-index
-    elements equal to ``t`` until ``k`` are taken. NaN ranks above everything.
+    elements tied with ``t`` until ``k`` are taken. Branch-free: used under ``torch.compile``.
     """
-    key_nan, t_nan = key.isnan(), t.isnan()
-    if largest:
-        before = (key > t) | (key_nan & ~t_nan)
-    else:
-        before = (key < t) | (~key_nan & t_nan)
-    equal = (key == t) | (key_nan & t_nan)
+    before, equal = _before(key, t, largest), _tied(key, t)
     need = k - before.sum(dim, keepdim=True)
     return before | (equal & (equal.cumsum(dim, dtype=torch.int32) <= need))
 
@@ -97,28 +104,30 @@ def _kth(values: torch.Tensor, k, dim: int) -> torch.Tensor:
 class _Selection:
     """The top-k of every slice of ``key`` along ``dim``, before it is written out.
 
-    ``index``: candidate indices (the best ``max(k) + 1``), ``take``: which of them are
-    selected (``None``: the first ``k``), ``dirty``: slices (shape of ``key`` without
-    ``dim``) whose candidates cannot settle a tie or NaN at the k-th place and must
-    be rebuilt with :func:`_threshold_mask` from ``threshold``.
+    ``index`` holds the candidates (the best ``max(k) + 1`` of each slice) and ``take``
+    says which of them are selected (``None``: the first ``k``). A slice is ``dirty``
+    when its k-th and (k+1)-th candidates tie (or a NaN makes it unclear): it then
+    takes only the candidates ranked strictly before its ``threshold`` (all of them
+    are candidates), and :func:`_repair` adds the ``missing`` lowest-index ties.
     """
 
     def __init__(self, key: torch.Tensor, k, dim: int, largest: bool):
         n = key.shape[dim]
         kmax = k if isinstance(k, int) else int(k.max())
         values, self.index = _topk_candidates(key, min(kmax + 1, n), dim, largest)
-        if isinstance(k, int):
-            self.index, self.take = self.index.narrow(dim, 0, k), None
-        else:
-            shape = [1] * key.dim()
-            shape[dim] = values.shape[dim]
-            ranks = torch.arange(values.shape[dim], device=key.device).view(shape)
-            self.take = ranks < k.unsqueeze(dim)
         self.threshold = _kth(values, k, dim)
-        following = _kth(values, k + 1, dim)
-        separated = self.threshold > following if largest else self.threshold < following
-        settled = separated.squeeze(dim) | (k == 0) | (k == n)  # NaN compares False: unsettled
+        settled = _before(self.threshold, _kth(values, k + 1, dim), largest).squeeze(dim) | (k == 0) | (k == n)
         self.dirty = None if bool(settled.all()) else ~settled
+        if isinstance(k, int) and self.dirty is None:
+            self.index, self.take = self.index.narrow(dim, 0, k), None
+            return
+        shape = [1] * key.dim()
+        shape[dim] = values.shape[dim]
+        ranks = torch.arange(values.shape[dim], device=key.device).view(shape)
+        self.take = ranks < (k if isinstance(k, int) else k.unsqueeze(dim))
+        if self.dirty is not None:
+            self.take = self.take & (_before(values, self.threshold, largest) | ~self.dirty.unsqueeze(dim))
+            self.missing = torch.where(self.dirty, k - self.take.sum(dim), 0)
 
     def scatter(self, out: torch.Tensor, dim: int, src) -> torch.Tensor:
         """Write ``src`` (a scalar or values aligned with ``index``) to the selected places of ``out``, in place."""
@@ -129,28 +138,37 @@ class _Selection:
         return out.scatter_(dim, self.index, src)
 
 
-def _repair(out, key, x, sel: _Selection, k, dim: int, largest: bool, keep_values: bool):
-    """Rebuild the dirty slices of ``out`` exactly, a block of slices at a time."""
-    rows = sel.dirty.nonzero(as_tuple=True)
-    key_rows = key.movedim(dim, -1)
-    t_rows = sel.threshold.movedim(dim, -1)
-    k_rows = k if isinstance(k, int) else k[rows].unsqueeze(-1)
-    block = max(1, _REPAIR_BLOCK // max(key.shape[dim], 1))
-    out_rows = out.movedim(dim, -1)
-    for start in range(0, rows[0].numel(), block):
-        part = tuple(r[start : start + block] for r in rows)
-        kk = k_rows if isinstance(k, int) else k_rows[start : start + block]
-        mask = _threshold_mask(key_rows[part], t_rows[part], kk, -1, largest)
-        if keep_values:
-            xs = x.movedim(dim, -1)[part]
-            mask = torch.where(mask, xs, torch.zeros((), dtype=xs.dtype, device=xs.device))
-        out_rows[part] = mask
+def _repair(out, key, x, sel: _Selection, dim: int, keep_values: bool):
+    """Select, in every dirty slice, its ``missing`` lowest-index elements tied with the threshold.
+
+    Works through blocks of the leading batch dimension so that the scratch mask
+    stays small; ``nonzero`` lists the ties of each slice in increasing index order.
+    """
+    key_m, t_m, out_m, x_m = (a.movedim(dim, -1) for a in (key, sel.threshold, out, x))
+    nan = bool(t_m.isnan().any())
+    block = max(1, _REPAIR_BLOCK // max(key_m[0].numel(), 1))
+    for start in range(0, key_m.shape[0], block):
+        missing = sel.missing[start : start + block]
+        if not bool(missing.any()):
+            continue
+        tied = _tied(key_m[start : start + block], t_m[start : start + block], nan) & (missing > 0).unsqueeze(-1)
+        where = tied.nonzero()
+        slices = where[:, :-1]
+        first = torch.ones(len(where), dtype=torch.bool, device=where.device)
+        first[1:] = (slices[1:] != slices[:-1]).any(-1)
+        order = torch.arange(len(where), device=where.device)
+        rank = order - torch.where(first, order, 0).cummax(0).values  # position among its slice's ties
+        chosen = where[rank < missing[tuple(slices.T)]].T.clone()
+        chosen[0] += start
+        out_m[tuple(chosen)] = x_m[tuple(chosen)] if keep_values else True
     return out
 
 
 def _prepare(x, k, dim, name="x"):
     check_tensor(name, x)
     dim = normalize_dim(dim, x.dim())
+    if x.dim() == 0:
+        x = x.reshape(1)
     while x.dim() < 2:  # give every op at least one batch dimension
         x, dim = x.unsqueeze(0), dim + 1
     batch = x.shape[:dim] + x.shape[dim + 1 :]
@@ -176,7 +194,7 @@ def _mask(x, k, dim: int, largest: bool, magnitude: bool, keep_values: bool):
     else:
         out = sel.scatter(torch.zeros(x.shape, dtype=torch.bool, device=x.device), dim, True)
     if sel.dirty is not None:
-        out = _repair(out, key, x, sel, k, dim, largest, keep_values)
+        out = _repair(out, key, x, sel, dim, keep_values)
     return out
 
 

@@ -1,0 +1,241 @@
+"""Exact top-k ops against an independent stable-sort reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import khot
+
+NAN, INF = float("nan"), float("inf")
+
+
+def reference_mask(x, k, dim=-1, largest=True, magnitude=False):
+    """Rank every element with a stable sort (NaN largest, ties to the lower index)."""
+    key = (x.abs() if magnitude else x).movedim(dim, -1).double()
+    order = torch.sort(key, dim=-1, descending=largest, stable=True).indices
+    if not largest:  # ascending stable sort puts NaN last, ties in index order: as wanted
+        order = torch.sort(key, dim=-1, stable=True).indices
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(key.shape[-1]).expand_as(order))
+    kk = k.unsqueeze(-1) if isinstance(k, torch.Tensor) else k
+    return (rank < kk).movedim(-1, dim)
+
+
+def check_both(x, k, dim=-1, **kw):
+    expected = reference_mask(x, k, dim, **kw)
+    got = khot.topk_mask(x, k, dim, **kw)
+    assert got.dtype == torch.bool and got.shape == x.shape
+    assert torch.equal(got, expected)
+    kept = khot.keep_topk(x, k, dim, **kw)
+    assert kept.dtype == x.dtype and kept.shape == x.shape
+    zero = torch.zeros((), dtype=x.dtype)
+    assert torch.equal(torch.where(expected, x, zero).isnan(), kept.isnan())
+    assert torch.equal(torch.where(expected, x, zero).nan_to_num(3.0), kept.nan_to_num(3.0))
+
+
+def random_input(gen, shape, kind, dtype):
+    if kind == "ties":
+        x = torch.randint(-2, 3, shape, generator=gen).float()
+    elif kind == "special":
+        x = torch.randn(shape, generator=gen)
+        x[x > 1.0] = NAN
+        x[x < -1.0] = -INF
+        x[(x > 0.5) & (x < 0.7)] = INF
+    else:
+        x = torch.randn(shape, generator=gen)
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int32, torch.int64])
+@pytest.mark.parametrize("kind", ["random", "ties", "special"])
+def test_matches_reference_on_random_shapes(dtype, kind):
+    if kind == "special" and not dtype.is_floating_point:
+        pytest.skip("NaN and inf need a floating dtype")
+    gen = torch.Generator().manual_seed(hash((str(dtype), kind)) % 2**31)
+    for _ in range(12):
+        ndim = int(torch.randint(1, 4, (), generator=gen))
+        shape = [int(torch.randint(1, 7, (), generator=gen)) for _ in range(ndim)]
+        x = random_input(gen, shape, kind, dtype)
+        if not dtype.is_floating_point:
+            x = (x * 3).to(dtype)
+        dim = int(torch.randint(-ndim, ndim, (), generator=gen))
+        n = x.shape[dim]
+        for k in sorted({0, 1, max(n - 1, 0), n, int(torch.randint(0, n + 1, (), generator=gen))}):
+            for largest in (True, False):
+                for magnitude in (False, True):
+                    check_both(x, k, dim, largest=largest, magnitude=magnitude)
+
+
+@pytest.mark.parametrize("dim", [-1, 0])
+@pytest.mark.parametrize("kind", ["random", "ties", "special"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_long_slices_small_k(dim, kind, dtype):
+    """Long slices take the chunked candidate path, including a ragged tail."""
+    gen = torch.Generator().manual_seed(7)
+    x = random_input(gen, (3, 20011), kind, dtype)
+    x = x if dim == -1 else x.T.contiguous()
+    for k in (1, 5, 37):
+        for largest in (True, False):
+            check_both(x, k, dim, largest=largest)
+        check_both(x, k, dim, magnitude=True)
+
+
+def test_per_slice_k_and_broadcasting():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randint(-3, 4, (4, 5, 9), generator=gen).float()
+    k = torch.randint(0, 10, (4, 5), generator=gen)
+    check_both(x, k, -1)
+    check_both(x, k[:, :1], -1)  # broadcasts to (4, 5)
+    check_both(x, torch.tensor(3), -1)
+    k0 = torch.randint(0, 5, (5, 9), generator=gen)
+    check_both(x, k0, 0)
+    assert torch.equal(khot.topk_mask(x, torch.full((4, 5), 9)), torch.ones_like(x, dtype=torch.bool))
+
+
+def test_non_contiguous_and_scalar_and_empty():
+    x = torch.randn(6, 40)[:, ::3].T  # non-contiguous, (14, 6)
+    assert not x.is_contiguous()
+    check_both(x, 4, 0)
+    check_both(x, 2, 1)
+    s = torch.tensor(2.5)
+    assert khot.topk_mask(s, 1).item() is True and khot.topk_mask(s, 0).item() is False
+    empty = torch.zeros(0, 5)
+    assert khot.topk_mask(empty, 3).shape == (0, 5)
+    assert khot.keep_topk(torch.zeros(4, 0), 0).shape == (4, 0)
+
+
+def test_nan_ranks_above_inf():
+    x = torch.tensor([1.0, NAN, INF, NAN, -INF])
+    assert khot.topk_mask(x, 1).tolist() == [False, True, False, False, False]
+    assert khot.topk_mask(x, 3).tolist() == [False, True, True, True, False]
+    assert khot.topk_mask(x, 2, largest=False).tolist() == [True, False, False, False, True]
+    assert khot.topk_mask(x, 4, largest=False).tolist() == [True, True, True, False, True]
+
+
+def test_keep_topk_gradient_reaches_kept_entries_only():
+    x = torch.randn(5, 30, dtype=torch.float64, requires_grad=True)
+    out = khot.keep_topk(x, 7, magnitude=True)
+    weights = torch.randn_like(out)
+    (out * weights).sum().backward()
+    expected = reference_mask(x.detach(), 7, magnitude=True)
+    assert torch.equal(x.grad, torch.where(expected, weights, 0.0))
+    torch.autograd.gradcheck(lambda t: khot.keep_topk(t, 3, 0), (torch.randn(8, 4, dtype=torch.float64, requires_grad=True),))
+    zero = khot.keep_topk(x, 0)
+    zero.sum().backward()  # still connected to the graph when nothing is kept
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    values=st.lists(st.integers(-4, 4) | st.floats(-1e3, 1e3, allow_nan=False), min_size=1, max_size=40),
+    data=st.data(),
+)
+def test_invariants(values, data):
+    x = torch.tensor(values, dtype=torch.float32)
+    n = x.numel()
+    k = data.draw(st.integers(0, n))
+    mask = khot.topk_mask(x, k)
+    assert int(mask.sum()) == k
+    if k < n:
+        assert bool((khot.topk_mask(x, k + 1) >= mask).all())  # nested in k
+        if 0 < k:
+            assert float(x[mask].min()) >= float(x[~mask].max())
+            mag = khot.topk_mask(x, k, magnitude=True)
+            assert float(x[mag].abs().min()) >= float(x[~mag].abs().max())
+            small = khot.topk_mask(x, k, largest=False)
+            assert float(x[small].max()) <= float(x[~small].min())
+
+
+def test_select_topk_matches_reference_and_orders():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 10, 4, generator=gen, requires_grad=True)
+    scores = torch.randint(0, 4, (2, 3, 10), generator=gen).float()
+    values, indices = khot.select_topk(x, scores, 4)
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :4]
+    assert torch.equal(indices, order) and indices.dtype == torch.int64
+    assert torch.equal(values, torch.stack([x[i, j, order[i, j]] for i in range(2) for j in range(3)]).view(2, 3, 4, 4))
+    _, unsorted = khot.select_topk(x, scores, 4, sorted=False)
+    assert torch.equal(unsorted, order.sort(-1).values)
+    values.sum().backward()
+    assert torch.equal(x.grad.sum(-1) != 0, reference_mask(scores, 4))
+    assert khot.select_topk(x, scores, 0)[0].shape == (2, 3, 0, 4)
+
+
+def test_token_pruning_matches_seed_snippet():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 17, 8, generator=gen)
+    attn = torch.softmax(torch.randn(3, 4, 17, 17, generator=gen), -1)
+    tokens, indices = khot.nn.TokenPruning(5)(x, attn)
+    # seed 001, verbatim in spirit: cls attention averaged over heads, topk, gather, cat
+    cls_attn = attn[:, :, 0, 1:].mean(dim=1)
+    _, idx = torch.topk(cls_attn, 5, dim=1, largest=True, sorted=True)
+    expected = torch.cat([x[:, 0:1], torch.gather(x[:, 1:], 1, idx.unsqueeze(-1).expand(-1, -1, 8))], 1)
+    assert torch.equal(tokens, expected)
+    assert torch.equal(indices, torch.cat([torch.zeros(3, 1, dtype=torch.long), idx + 1], 1))
+    rate_tokens, _ = khot.nn.TokenPruning(0.3)(x, scores=cls_attn)
+    assert rate_tokens.shape == (3, 1 + math.ceil(0.3 * 16), 8)
+
+
+def test_token_pruning_fuses_pruned_tokens():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 9, 4, generator=gen)
+    scores = torch.rand(2, 8, generator=gen)
+    tokens, indices = khot.nn.TokenPruning(3, fuse_pruned=True)(x, scores=scores)
+    assert tokens.shape == (2, 5, 4) and indices.shape == (2, 4)
+    for b in range(2):
+        pruned = [i for i in range(8) if i + 1 not in indices[b].tolist()]
+        w = scores[b, pruned]
+        assert torch.allclose(tokens[b, -1], (w[:, None] * x[b, 1:][pruned]).sum(0) / w.sum())
+    free, free_idx = khot.nn.TokenPruning(4, keep_cls=False)(x, scores=torch.rand(2, 9, generator=gen))
+    assert free.shape == (2, 4, 4) and free_idx.shape == (2, 4)
+
+
+def test_modules_repr():
+    assert repr(khot.nn.TopK(3, 1, magnitude=True)) == "TopK(k=3, dim=1, magnitude=True)"
+    assert "keep=0.5" in repr(khot.nn.TokenPruning(0.5))
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda: khot.topk_mask(torch.ones(3, 4), -1), ValueError, r"k=-1 is out of range"),
+        (lambda: khot.topk_mask(torch.ones(3, 4), 5), ValueError, r"k=5 is out of range"),
+        (lambda: khot.topk_mask(torch.ones(3, 4), 2.0), TypeError, r"k must be an int.*2\.0"),
+        (lambda: khot.topk_mask(torch.ones(3, 4), True), TypeError, r"k must be an int"),
+        (lambda: khot.topk_mask(torch.ones(3, 4), torch.ones(3)), TypeError, r"k must be an int or an integer tensor"),
+        (lambda: khot.topk_mask(torch.ones(3, 4), torch.ones(4, dtype=torch.long)), ValueError, r"k has shape \(4,\)"),
+        (lambda: khot.topk_mask(torch.ones(3, 4), torch.tensor([1, 5, 0])), ValueError, r"from 0 to 5"),
+        (lambda: khot.topk_mask(torch.ones(3, 4), 1, dim=2), ValueError, r"dim=2 is out of range"),
+        (lambda: khot.topk_mask(torch.ones(3, 4), 1, dim=1.0), TypeError, r"dim must be an int"),
+        (lambda: khot.topk_mask([1.0, 2.0], 1), TypeError, r"x must be a torch.Tensor, got list"),
+        (lambda: khot.keep_topk(torch.ones(3, dtype=torch.bool), 1), TypeError, r"dtype torch.bool"),
+        (lambda: khot.select_topk(torch.ones(3, 4), torch.ones(4), 1), ValueError, r"scores must have shape"),
+        (lambda: khot.select_topk(torch.ones(4), torch.ones(4), 1), ValueError, r"x must have shape \(\.\.\., n, d\)"),
+        (lambda: khot.select_topk(torch.ones(4, 2), torch.ones(4), 5), ValueError, r"k=5 is out of range"),
+        (lambda: khot.nn.TokenPruning(1.5), ValueError, r"keep must lie in \(0, 1\]"),
+        (lambda: khot.nn.TokenPruning(-2), ValueError, r"keep must be >= 0"),
+        (lambda: khot.nn.TokenPruning(3)(torch.ones(1, 3, 2), scores=torch.ones(1, 2)), ValueError, r"keep=3 is more than"),
+        (lambda: khot.nn.TokenPruning(1)(torch.ones(1, 3, 2), torch.ones(1, 3, 3)), ValueError, r"attn must have shape"),
+        (lambda: khot.nn.TokenPruning(1)(torch.ones(1, 3, 2)), ValueError, r"exactly one of attn and scores"),
+    ],
+)
+def test_bad_input(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randint(-3, 4, (6, 50), generator=gen).float()
+    x[0, 3] = NAN
+    k = torch.randint(0, 51, (6,), generator=gen)
+    for fn, args in [
+        (lambda t: khot.keep_topk(t, 7, magnitude=True), (x,)),
+        (lambda t, kk: khot.topk_mask(t, kk, largest=False), (x, k)),
+        (lambda t: khot.select_topk(t.unsqueeze(-1), t, 5)[1], (x,)),
+    ]:
+        compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+        assert torch.equal(compiled(*args).nan_to_num(9), fn(*args).nan_to_num(9))
