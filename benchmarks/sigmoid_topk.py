@@ -19,8 +19,10 @@ def median_ms(stmt: str, **env) -> float:
 
 
 def evaluations(x: torch.Tensor, k: float) -> int:
+    """Full-size sigmoid evaluations the solver takes (k > n/2 is solved as n - k for -x)."""
     kd = torch.full(x.shape[:-1], min(k, x.shape[-1] - k), dtype=torch.float64)
-    return _solve(x, kd, 1.0 if 2 * k <= x.shape[-1] else -1.0)[1]
+    r = torch.full((*x.shape[:-1], 1), 1.0 if 2 * k <= x.shape[-1] else -1.0)
+    return _solve(x, kd, r)[1]
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ import time
 import pytest
 import torch
 
-import khot.relaxed.halving as halving
+import khot.relaxed._common as _common
 from khot.relaxed.counting import counting_select, counting_topk, soft_rank
 from khot.relaxed.iterative import iterative_select, iterative_topk
 
@@ -30,7 +30,7 @@ def separated(batch, n, seed):
 @pytest.mark.parametrize("n,k,tau", [(7, 3, 0.05), (20, 20, 0.01), (33, 1, 0.1), (25, 9, 0.002)])
 @pytest.mark.parametrize("block_elements", [1, 1 << 22])
 def test_iterative_matches_loop_reference(n, k, tau, block_elements, monkeypatch):
-    monkeypatch.setattr(halving, "_BLOCK_ELEMENTS", block_elements)  # one step per block, or all
+    monkeypatch.setattr(_common, "_BLOCK_ELEMENTS", block_elements)  # one step per block, or all
     g = torch.Generator().manual_seed(n)
     s = torch.rand(3, n, generator=g, dtype=torch.float64)
     x = torch.randn(3, n, 4, generator=g, dtype=torch.float64)
@@ -83,7 +83,7 @@ def test_chunked_equals_unchunked(monkeypatch):
         return out.detach(), si.grad, xi.grad
 
     whole = run()
-    monkeypatch.setattr(halving, "_BLOCK_ELEMENTS", 300)  # blocks of 2 rows / slots
+    monkeypatch.setattr(_common, "_BLOCK_ELEMENTS", 300)  # blocks of 2 rows / slots
     for a, b in zip(run(), whole):
         torch.testing.assert_close(a, b)
 

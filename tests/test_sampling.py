@@ -141,6 +141,16 @@ def test_low_precision_sigmoid_topk_gives_exactly_k(dtype, design):
     assert (x.sum(-1).view(500, 4) == k.view(1, 4)).all()
 
 
+@pytest.mark.parametrize("design", DESIGNS)
+def test_rows_of_different_sizes(design):
+    # regression: Brewer rows that finish early must not poison the later draws
+    pi = torch.tensor([[0.8390, 0.8537], [0.1676, 1.0], [1.0, 0.0], [0.0, 0.0]])
+    x = pips_sample(pi.repeat(500, 1), design=design, generator=torch.Generator().manual_seed(4)).view(500, 4, 2)
+    sizes = x.sum(-1)
+    assert ((sizes[:, 0] == 1) | (sizes[:, 0] == 2)).all() and ((sizes[:, 1] == 1) | (sizes[:, 1] == 2)).all()
+    assert (x[:, 1, 1] == 1).all() and (x[:, 2] == torch.tensor([1.0, 0.0])).all() and (x[:, 3] == 0).all()
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     rows=st.integers(1, 4),

@@ -5,8 +5,10 @@
 tensor([False,  True, False,  True])
 """
 
-from . import nn
+from . import metrics, nn
 from .exact import keep_topk, select_topk, topk_mask
+from .relaxed import soft_select, soft_topk
+from .relaxed.sigmoid import sigmoid_topk
 
-__all__ = ["topk_mask", "keep_topk", "select_topk", "nn"]
+__all__ = ["topk_mask", "keep_topk", "select_topk", "sigmoid_topk", "soft_topk", "soft_select", "metrics", "nn"]
 __version__ = "0.1.0"

@@ -19,7 +19,16 @@ __all__ = [
     "check_real_count",
     "check_positive",
     "check_choice",
+    "check_rows",
 ]
+
+
+def _inspectable(t: torch.Tensor) -> bool:
+    """Whether a tensor's values can be read here (not while compiling or inside vmap)."""
+    if torch.compiler.is_compiling():
+        return False
+    is_batched = getattr(torch._C._functorch, "is_batchedtensor", None)
+    return not (is_batched is not None and is_batched(t))
 
 
 def _describe(value) -> str:
@@ -74,7 +83,7 @@ def check_count(k, n: int, batch_shape: torch.Size, device: torch.device, name: 
         if k.device != device:
             raise ValueError(f"{name} is on {k.device} but the input is on {device}")
         k = _as_count_tensor(k, batch_shape, name).long()
-        if k.numel() and (not torch.compiler.is_compiling()):
+        if k.numel() and _inspectable(k):
             lo, hi = int(k.min()), int(k.max())
             if lo < 0 or hi > n:
                 raise ValueError(
@@ -102,8 +111,8 @@ def check_real_count(k, n: int, batch_shape: torch.Size, device: torch.device, n
         k = _as_count_tensor(k, batch_shape, name)
         if not k.is_floating_point():
             k = k.to(torch.get_default_dtype())
-        if k.numel() and not torch.compiler.is_compiling():
-            lo, hi = float(k.min()), float(k.max())
+        if k.numel() and _inspectable(k):
+            lo, hi = float(k.detach().min()), float(k.detach().max())
             if not (0 <= lo and hi <= n):  # also rejects NaN
                 raise ValueError(f"{name} must lie in [0, {n}], got values from {lo} to {hi}")
         return k
@@ -119,8 +128,8 @@ def check_positive(name: str, value):
     if isinstance(value, torch.Tensor):
         if not value.is_floating_point():
             raise TypeError(f"{name} must be a float or a floating-point tensor, got {_describe(value)}")
-        if value.numel() and not torch.compiler.is_compiling():
-            if not bool(torch.isfinite(value).all() & (value > 0).all()):
+        if value.numel() and _inspectable(value):
+            if not bool(torch.isfinite(value).all() & (value > 0).all()):  # noqa: detached read
                 raise ValueError(f"{name} must be finite and > 0, got {value}")
         return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -135,3 +144,14 @@ def check_choice(name: str, value, choices):
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, choices))}")
     return value
+
+
+def check_rows(x: torch.Tensor, scores) -> None:
+    """Check ``x`` of shape ``(..., n, d)`` against its row ``scores`` of shape ``(..., n)``."""
+    check_tensor("scores", scores)
+    if x.dim() < 2:
+        raise ValueError(f"x must have shape (..., n, d), got shape {tuple(x.shape)}")
+    if scores.shape != x.shape[:-1]:
+        raise ValueError(f"scores must have shape x.shape[:-1] = {tuple(x.shape[:-1])}, got {tuple(scores.shape)}")
+    if scores.device != x.device:
+        raise ValueError(f"scores are on {scores.device} but x is on {x.device}")

@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from ._checks import check_count, check_tensor, normalize_dim
+from ._checks import check_count, check_rows, check_tensor, normalize_dim
 
 __all__ = ["topk_mask", "keep_topk", "select_topk"]
 
@@ -273,15 +273,7 @@ def select_topk(x: torch.Tensor, scores: torch.Tensor, k: int, *, sorted: bool =
                 [6., 7.]])
     """
     check_tensor("x", x)
-    check_tensor("scores", scores)
-    if x.dim() < 2:
-        raise ValueError(f"x must have shape (..., n, d), got shape {tuple(x.shape)}")
-    if scores.shape != x.shape[:-1]:
-        raise ValueError(
-            f"scores must have shape x.shape[:-1] = {tuple(x.shape[:-1])}, got {tuple(scores.shape)}"
-        )
-    if scores.device != x.device:
-        raise ValueError(f"scores are on {scores.device} but x is on {x.device}")
+    check_rows(x, scores)
     if not isinstance(k, int) or isinstance(k, bool):
         raise TypeError(f"k must be an int for select_topk, got {type(k).__name__}")
     mask = topk_mask(scores, k, -1)

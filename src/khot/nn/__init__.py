@@ -2,5 +2,6 @@
 
 from .exact import TopK
 from .pruning import TokenPruning
+from .relaxed import SoftSelect, SoftTopK
 
-__all__ = ["TopK", "TokenPruning"]
+__all__ = ["TopK", "TokenPruning", "SoftTopK", "SoftSelect"]

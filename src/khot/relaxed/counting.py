@@ -36,7 +36,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from khot._checks import check_positive, check_tensor, normalize_dim
-from khot.relaxed.halving import _blocks, _check_mask_args, _check_select_args, _rowwise, _select_rows
+from khot.relaxed._common import _blocks, _check_mask_args, _check_select_args, _rowwise, _select_rows
 
 __all__ = ["DEFAULT_TEMPERATURE", "RANK_TEMPERATURE", "soft_rank", "counting_topk", "counting_select"]
 

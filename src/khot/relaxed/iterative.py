@@ -22,7 +22,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from khot.relaxed.halving import _blocks, _check_mask_args, _check_select_args, _rowwise, _select_rows
+from khot.relaxed._common import _blocks, _check_mask_args, _check_select_args, _rowwise, _select_rows
 
 __all__ = ["DEFAULT_TEMPERATURE", "iterative_topk", "iterative_select"]
 

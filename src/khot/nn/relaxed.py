@@ -1,0 +1,59 @@
+"""Modules over the differentiable relaxations of :mod:`khot.relaxed`."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..relaxed import soft_select, soft_topk
+
+__all__ = ["SoftTopK", "SoftSelect"]
+
+
+def _options(method, temperature, options) -> str:
+    extra = "".join(f", {name}={value!r}" for name, value in options.items())
+    return f"method={method!r}, temperature={temperature}{extra}"
+
+
+class SoftTopK(nn.Module):
+    """A relaxed k-hot mask along ``dim``: a module around :func:`khot.soft_topk`.
+
+    Example:
+        >>> import torch, khot
+        >>> layer = khot.nn.SoftTopK(2, temperature=0.5)
+        >>> layer
+        SoftTopK(k=2, dim=-1, method='sigmoid', temperature=0.5)
+        >>> layer(torch.randn(3, 10)).sum(-1)
+        tensor([2.0000, 2.0000, 2.0000])
+    """
+
+    def __init__(self, k, dim: int = -1, *, method: str = "sigmoid", temperature=None, **method_options):
+        super().__init__()
+        self.k, self.dim, self.method, self.temperature, self.method_options = k, dim, method, temperature, method_options
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return soft_topk(x, self.k, self.dim, method=self.method, temperature=self.temperature, **self.method_options)
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}, dim={self.dim}, " + _options(self.method, self.temperature, self.method_options)
+
+
+class SoftSelect(nn.Module):
+    """Relaxed selection of the ``k`` best-scored rows: a module around :func:`khot.soft_select`.
+
+    Example:
+        >>> import torch, khot
+        >>> layer = khot.nn.SoftSelect(4, method="iterative")
+        >>> layer(torch.randn(2, 16, 8), torch.rand(2, 16)).shape
+        torch.Size([2, 4, 8])
+    """
+
+    def __init__(self, k: int, *, method: str = "halving", temperature=None, **method_options):
+        super().__init__()
+        self.k, self.method, self.temperature, self.method_options = k, method, temperature, method_options
+
+    def forward(self, x: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        return soft_select(x, scores, self.k, method=self.method, temperature=self.temperature, **self.method_options)
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}, " + _options(self.method, self.temperature, self.method_options)

@@ -1,0 +1,71 @@
+"""Argument handling and row plumbing shared by the relaxations of :mod:`khot.relaxed`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor
+
+from khot._checks import check_count, check_positive, check_rows, check_tensor, normalize_dim
+
+_BLOCK_ELEMENTS = 1 << 22  # elements of one (batch, block, n) intermediate
+
+
+def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """float32 for half-precision inputs (fp32 accumulation), float64 stays float64."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _check_k(k, n: int, batch_shape: torch.Size, device: torch.device, *, per_row: bool = False):
+    """A count ``1 <= k <= n``; a per-row tensor only where ``per_row``."""
+    if isinstance(k, Tensor) and not per_row:
+        raise TypeError(f"k must be a Python int for this method, got a tensor of shape {tuple(k.shape)}")
+    k = check_count(k, n, batch_shape, device)
+    low = (int(k.min()) if k.numel() else 1) if isinstance(k, Tensor) else k
+    if low < 1:
+        raise ValueError(f"k={low} is out of range: expected 1 <= k <= {n} (the size of the reduced dimension)")
+    return k
+
+
+def _check_mask_args(scores, k, dim, temperature, *, per_row: bool = False):
+    """Validate the arguments of a mask function; return ``(dim, k, temperature)``."""
+    check_tensor("scores", scores, floating=True)
+    if scores.dim() == 0:
+        raise ValueError("scores must have at least one dimension, got a 0-d tensor")
+    dim = normalize_dim(dim, scores.dim())
+    batch_shape = scores.shape[:dim] + scores.shape[dim + 1 :]
+    k = _check_k(k, scores.shape[dim], batch_shape, scores.device, per_row=per_row)
+    return dim, k, check_positive("temperature", temperature)
+
+
+def _check_select_args(x, scores, k, temperature) -> tuple[int, float]:
+    """Validate ``x (..., n, d)``, ``scores (..., n)``, ``k`` and ``temperature``."""
+    check_tensor("x", x, floating=True)
+    check_rows(x, scores)
+    k = _check_k(k, x.shape[-2], x.shape[:-2], x.device)
+    return k, check_positive("temperature", temperature)
+
+
+def _rowwise(fn: Callable[[Tensor], Tensor], scores: Tensor, dim: int) -> Tensor:
+    """Apply ``fn`` to ``scores`` as (rows, n) in the compute dtype; restore layout and dtype."""
+    s = scores.movedim(dim, -1)
+    out = fn(s.reshape(-1, s.shape[-1]).to(_compute_dtype(scores)))
+    return out.reshape(s.shape).movedim(-1, dim).to(scores.dtype)
+
+
+def _select_rows(fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, scores: Tensor, k: int) -> Tensor:
+    """Apply ``fn(x (N, n, d), scores (N, n)) -> (N, k, d)`` to flattened batches."""
+    dtype = _compute_dtype(x, scores)
+    n, d = x.shape[-2:]
+    out = fn(x.reshape(-1, n, d).to(dtype), scores.reshape(-1, n).to(dtype))
+    return out.reshape(*x.shape[:-2], k, d).to(x.dtype)
+
+
+def _blocks(total: int, row_elements: int) -> Iterator[slice]:
+    """Split ``range(total)`` into blocks of about ``_BLOCK_ELEMENTS / row_elements`` items."""
+    size = max(1, _BLOCK_ELEMENTS // max(1, row_elements))
+    return (slice(i, min(i + size, total)) for i in range(0, max(total, 1), size))

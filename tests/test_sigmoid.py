@@ -1,0 +1,240 @@
+"""Tests for sigmoid_topk against an independent float64 bisection reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from khot.relaxed.sigmoid import sigmoid_topk
+
+
+def reference(x: torch.Tensor, k, dim: int = -1, temperature=1.0) -> torch.Tensor:
+    """Plain bisection on c in float64 (200 halvings), independent of the code under test."""
+    z = (x.double().movedim(dim, -1)) / torch.as_tensor(temperature, dtype=torch.float64).unsqueeze(-1)
+    k = torch.as_tensor(k, dtype=torch.float64).expand(z.shape[:-1])
+    n = z.shape[-1]
+    span = z.abs().amax(-1) + 50 + abs(math.log(n))
+    lo, hi = -span, span.clone()
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        below = torch.sigmoid(z + mid.unsqueeze(-1)).sum(-1) < k
+        lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+    return torch.sigmoid(z + ((lo + hi) / 2).unsqueeze(-1)).movedim(-1, dim)
+
+
+def gen(kind: str, shape, dtype=torch.float32, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if kind == "randn":
+        return torch.randn(shape, generator=g, dtype=dtype)
+    if kind == "ties":
+        return torch.randint(0, 3, shape, generator=g).to(dtype)
+    if kind == "huge":
+        return (torch.rand(shape, generator=g, dtype=dtype) * 2 - 1) * 1e4
+    if kind == "tiny":
+        return torch.randn(shape, generator=g, dtype=dtype) * 1e-6
+    raise ValueError(kind)
+
+
+def test_worked_example():
+    x = torch.tensor([-4.5951, -2.1972, -3.1781, 0.0, -1.1527], dtype=torch.float64)
+    p = sigmoid_topk(x, 3)
+    expected = torch.tensor([0.1462, 0.6531, 0.4139, 0.9443, 0.8426], dtype=torch.float64)
+    torch.testing.assert_close(p, expected, atol=1e-4, rtol=0)
+    c = torch.logit(p) - x
+    torch.testing.assert_close(c, torch.full_like(c, 2.830074), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["randn", "ties", "huge", "tiny"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("tau", [1.0, 0.1])
+def test_matches_reference(kind, dtype, tau):
+    x = gen(kind, (3, 257), dtype)
+    n = x.shape[-1]
+    # float32 cannot resolve c finer than ulp(|x| / tau): allow for it on the huge range
+    atol = {torch.float64: 1e-8, torch.float32: 2e-5}[dtype]
+    if kind == "huge" and dtype == torch.float32:
+        atol = 0.25 * 2 * torch.finfo(torch.float32).eps * 1e4 / tau * 4
+    for k in (1, 2.5, n / 3, n / 2, n - 1.5, n - 1):
+        p = sigmoid_topk(x, k, temperature=tau)
+        torch.testing.assert_close(p.double(), reference(x, k, temperature=tau), atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "shape, dim", [((7,), 0), ((5, 9), 0), ((2, 3, 11), 1), ((2, 3, 11), -1), ((4, 6, 5), -3), ((1, 1), -1)]
+)
+def test_dims_and_sum(shape, dim):
+    x = gen("randn", shape, seed=1) * 3
+    n = x.shape[dim]
+    k = n / 2.5
+    p = sigmoid_topk(x, k, dim)
+    assert p.shape == x.shape and p.dtype == x.dtype and p.device == x.device
+    assert bool(((p >= 0) & (p <= 1)).all())
+    assert (p.double().sum(dim) - k).abs().max() <= 1e-4 * max(1, k)
+    torch.testing.assert_close(p.double(), reference(x, k, dim), atol=2e-5, rtol=0)
+
+
+def test_non_contiguous_and_large_rows():
+    x = gen("randn", (3, 20000, 2), seed=2)[..., 0]  # strided, long enough to use the sub-sample start
+    assert not x.is_contiguous()
+    for k in (1, 7.5, 5000, 19990):
+        p = sigmoid_topk(x, k)
+        assert (p.double().sum(-1) - k).abs().max() <= 1e-4 * max(1, k)
+        torch.testing.assert_close(p.double(), reference(x, k), atol=2e-5, rtol=0)
+
+
+def test_per_slice_k_and_temperature():
+    x = gen("randn", (4, 3, 10), dtype=torch.float64, seed=3)
+    k = torch.tensor([0.5, 3.0, 9.5], dtype=torch.float64)  # broadcasts over the leading dim
+    tau = torch.tensor([[0.5], [1.0], [2.0], [4.0]], dtype=torch.float64)  # broadcasts too
+    p = sigmoid_topk(x, k, temperature=tau)
+    ref = reference(x, k.expand(4, 3), temperature=tau.expand(4, 3))
+    torch.testing.assert_close(p, ref, atol=1e-9, rtol=0)
+    torch.testing.assert_close(p.sum(-1), k.expand(4, 3), atol=1e-8, rtol=0)
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
+def test_low_precision_agrees_with_float32(dtype, atol):
+    x = gen("randn", (3, 300), seed=4).to(dtype)
+    for k in (1, 50.5, 299):
+        p = sigmoid_topk(x, k)
+        assert p.dtype == dtype
+        torch.testing.assert_close(p.float(), sigmoid_topk(x.float(), k), atol=atol, rtol=0)
+        assert abs(p.float().sum(-1) - k).max() <= atol * x.shape[-1] / 10
+
+
+def test_gradcheck_x_and_k():
+    x = gen("randn", (2, 6), dtype=torch.float64, seed=5).requires_grad_()
+    k = torch.tensor([1.5, 4.0], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, k: sigmoid_topk(x, k, temperature=0.7), (x, k))
+    assert torch.autograd.gradgradcheck(lambda x: sigmoid_topk(x, 2.0), (x,))
+
+
+def test_gradcheck_temperature():
+    x = gen("randn", (3, 5), dtype=torch.float64, seed=6).requires_grad_()
+    tau = torch.tensor([0.5, 1.0, 3.0], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, t: sigmoid_topk(x, 2.0, 0, temperature=t.sum() / 4), (x.T, tau))
+    assert torch.autograd.gradcheck(lambda x, t: sigmoid_topk(x, 2.0, temperature=t), (x, tau))
+
+
+def test_gradient_matches_finite_differences_of_reference():
+    x = gen("randn", (8,), dtype=torch.float64, seed=7)
+    k, tau = torch.tensor(3.3, dtype=torch.float64), 0.8
+    g = gen("randn", (8,), dtype=torch.float64, seed=8)
+    xr, kr = x.clone().requires_grad_(), k.clone().requires_grad_()
+    (sigmoid_topk(xr, kr, temperature=tau) * g).sum().backward()
+    h = 1e-6
+
+    def loss(x, k):
+        return float((reference(x, k, temperature=tau) * g).sum())
+
+    fd_x = torch.tensor([(loss(x + h * e, k) - loss(x - h * e, k)) / (2 * h) for e in torch.eye(8, dtype=x.dtype)], dtype=x.dtype)
+    fd_k = (loss(x, k + h) - loss(x, k - h)) / (2 * h)
+    torch.testing.assert_close(xr.grad, fd_x, atol=1e-6, rtol=1e-5)
+    assert abs(float(kr.grad) - fd_k) < 1e-6
+
+
+def test_zero_temperature_limit_is_the_top_k_mask():
+    x = gen("randn", (5, 40), seed=9)
+    for k in (1, 7, 39):
+        idx = torch.sort(x, dim=-1, descending=True, stable=True).indices[..., :k]
+        mask = torch.zeros_like(x).scatter_(-1, idx, 1.0)
+        p = sigmoid_topk(x, k, temperature=1e-4)
+        torch.testing.assert_close(p, mask, atol=1e-3, rtol=0)
+
+
+def test_limits_k_zero_and_n():
+    x = gen("randn", (3, 6), seed=10).requires_grad_()
+    assert torch.equal(sigmoid_topk(x, 0), torch.zeros_like(x))
+    assert torch.equal(sigmoid_topk(x, 6), torch.ones_like(x))
+    k = torch.tensor([0.0, 6.0, 2.0], requires_grad=True)
+    p = sigmoid_topk(x, k)
+    assert torch.equal(p[:2], torch.tensor([[0.0] * 6, [1.0] * 6]))
+    (p * torch.randn(3, 6)).sum().backward()
+    assert torch.equal(x.grad[:2], torch.zeros(2, 6)) and bool(x.grad[2].abs().sum() > 0)
+    assert torch.equal(k.grad[:2], torch.zeros(2))
+    x.grad = None
+    sigmoid_topk(x, 0).sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+def test_saturated_slices_give_zero_gradient():
+    x = torch.tensor([[1e4, -1e4, 1e4, -1e4]], requires_grad=True)
+    p = sigmoid_topk(x, 2.0)
+    torch.testing.assert_close(p, torch.tensor([[1.0, 0.0, 1.0, 0.0]]))
+    p.sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+def test_nan_and_inf():
+    x = torch.tensor([[0.3, float("nan"), 1.0, 2.0], [float("inf"), 0.0, -float("inf"), 1.0]])
+    p = sigmoid_topk(x, 2.0)
+    assert bool(p[0].isnan().all())
+    assert p[1, 0] == 1 and p[1, 2] == 0
+    torch.testing.assert_close(p[1, [1, 3]].double(), reference(x[1:, [1, 3]], 1.0)[0], atol=1e-5, rtol=0)
+    masked = torch.tensor([[2.0, -float("inf"), 0.5, -float("inf"), 1.0]])
+    p = sigmoid_topk(masked, 1.5)
+    torch.testing.assert_close(p[:, [0, 2, 4]].double(), reference(masked[:, [0, 2, 4]], 1.5), atol=1e-5, rtol=0)
+    assert torch.equal(p[:, [1, 3]], torch.zeros(1, 2))
+
+
+def test_empty():
+    assert sigmoid_topk(torch.empty(0, 5), 2).shape == (0, 5)
+    assert sigmoid_topk(torch.empty(3, 0), 0).shape == (3, 0)
+    x = torch.empty(0, 4, requires_grad=True)
+    sigmoid_topk(x, 1.0).sum().backward()
+    assert x.grad.shape == (0, 4)
+
+
+def test_bad_arguments():
+    x = torch.randn(2, 5)
+    with pytest.raises(ValueError, match="k=-1"):
+        sigmoid_topk(x, -1)
+    with pytest.raises(ValueError, match="k=6"):
+        sigmoid_topk(x, 6)
+    with pytest.raises(ValueError, match=r"k must lie in \[0, 5\]"):
+        sigmoid_topk(x, torch.tensor([1.0, 5.5]))
+    with pytest.raises(ValueError, match="temperature must be finite and > 0"):
+        sigmoid_topk(x, 2, temperature=0.0)
+    with pytest.raises(ValueError, match="temperature must be finite and > 0"):
+        sigmoid_topk(x, 2, temperature=torch.tensor([-1.0, 1.0]))
+    with pytest.raises(ValueError, match="does not broadcast"):
+        sigmoid_topk(x, torch.tensor([1.0, 2.0, 3.0]))
+    with pytest.raises(ValueError, match="temperature has shape"):
+        sigmoid_topk(x, 2, temperature=torch.ones(3))
+    with pytest.raises(TypeError, match="floating-point"):
+        sigmoid_topk(torch.arange(5), 2)
+    with pytest.raises(ValueError, match="dim=2 is out of range"):
+        sigmoid_topk(x, 2, dim=2)
+
+
+def test_vmap_and_grad():
+    x = gen("randn", (4, 3, 9), seed=11)
+    looped = torch.stack([sigmoid_topk(xi, 2.5, dim=0) for xi in x])
+    torch.testing.assert_close(torch.func.vmap(lambda xi: sigmoid_topk(xi, 2.5, dim=0))(x), looped)
+    xd = x[0, 0].double()
+    g = torch.func.grad(lambda v: (sigmoid_topk(v, 3.0, temperature=0.5) ** 2).sum())(xd)
+    xr = xd.clone().requires_grad_()
+    (sigmoid_topk(xr, 3.0, temperature=0.5) ** 2).sum().backward()
+    torch.testing.assert_close(g, xr.grad)
+    per_row = torch.func.vmap(torch.func.grad(lambda v: sigmoid_topk(v, 3.0)[0]))(x[0].double())
+    torch.testing.assert_close(per_row[1], torch.func.grad(lambda v: sigmoid_topk(v, 3.0)[0])(x[0, 1].double()))
+
+
+def test_compile_matches_eager():
+    if not hasattr(torch, "compile"):
+        pytest.skip("torch.compile is unavailable")
+    x = gen("huge", (3, 50), seed=12).requires_grad_()
+    fn = lambda x: sigmoid_topk(x, 4.5, temperature=100.0)  # noqa: E731
+    try:
+        compiled = torch.compile(fn, fullgraph=True)
+        out = compiled(x)
+    except Exception as exc:  # no working compiler toolchain on this machine
+        if "fullgraph" in str(exc) or "graph break" in str(exc).lower():
+            raise
+        pytest.skip(f"torch.compile unavailable: {type(exc).__name__}")
+    torch.testing.assert_close(out, fn(x), atol=1e-5, rtol=0)
+    (g,) = torch.autograd.grad(out.square().sum(), x)
+    (ge,) = torch.autograd.grad(fn(x).square().sum(), x)
+    torch.testing.assert_close(g, ge, atol=1e-6, rtol=1e-4)
