@@ -28,46 +28,105 @@ from ._checks import check_count, check_rows, check_tensor, normalize_dim
 
 __all__ = ["topk_mask", "keep_topk", "select_topk"]
 
+_HALF = (torch.float16, torch.bfloat16)
+
 # Flagged slices are repaired in blocks of at most this many elements, so that the
 # repair never needs more scratch memory than a small fraction of a large input.
 _REPAIR_BLOCK = 1 << 22
 
 
 def _chunk_length(n: int, k: int) -> int:
-    """Chunk length that balances the chunk-maxima selection against the candidate one."""
-    m = math.isqrt(n // (2 * max(k, 1)))
-    return m if m >= 4 else 1
+    """Chunk length that balances the chunk-maxima selection against the candidate one.
+
+    About ``sqrt(n / 2k)``, preferring a divisor of ``n`` (no ragged tail); 1 means "do not chunk".
+    """
+    ideal = math.isqrt(n // (2 * max(k, 1)))
+    if ideal < 4:
+        return 1
+    return next((m for m in range(ideal, (ideal + 1) // 2, -1) if n % m == 0), ideal)
+
+
+def _chunk_leaders(key: torch.Tensor, m: int, dim: int, largest: bool) -> torch.Tensor:
+    """The best element of each chunk of ``m``; chunk ``j`` holds elements ``j, j + c, j + 2c, ...``.
+
+    Strided chunks make the leaders one vectorised reduction over an outer dimension.
+    """
+    chunks = key.shape[dim] // m
+    blocks = key.narrow(dim, 0, chunks * m).unflatten(dim, (m, chunks))
+    leaders = blocks.amax(dim) if largest else blocks.amin(dim)
+    return leaders.float() if leaders.dtype in _HALF else leaders  # exact; ATen's topk is slow on halves
+
+
+def _chunk_members(best: torch.Tensor, m: int, n: int, dim: int) -> torch.Tensor:
+    """Positions of every element of the chunks ``best`` (plus the ragged tail) along ``dim``."""
+    chunks = n // m
+    trailing = (1,) * (best.dim() - dim - 1)
+    offsets = torch.arange(0, chunks * m, chunks, device=best.device).view((m, 1) + trailing)
+    index = (best.unsqueeze(dim) + offsets).flatten(dim, dim + 1)
+    if chunks * m < n:  # the tail that fills no whole chunk is always a candidate
+        shape = list(index.shape)
+        shape[dim] = n - chunks * m
+        tail = torch.arange(chunks * m, n, device=best.device).view((-1,) + trailing)
+        index = torch.cat([index, tail.expand(shape)], dim)
+    return index
 
 
 def _topk_candidates(key: torch.Tensor, k: int, dim: int, largest: bool):
     """``torch.topk(key, k, dim, largest, sorted=True)`` by pruning to the best chunks.
 
-    Chunk ``j`` holds the elements ``j, j + c, j + 2c, ...`` (strided, so that the
-    chunk maxima are one vectorised reduction over an outer dimension). Exact for the
-    values; among equal values any indices may be returned (callers repair ties).
-    With ``largest=False`` a NaN hides a chunk's minimum, so slices with NaNs fall
-    back to a plain :func:`torch.topk`.
+    Exact for the values; among equal values any indices may be returned (callers
+    repair ties). With ``largest=False`` a NaN hides a chunk's minimum, so slices
+    with NaNs fall back to a plain :func:`torch.topk`.
     """
     n = key.shape[dim]
     m = _chunk_length(n, k)
     if m == 1 or key.device.type != "cpu":
         return torch.topk(key, k, dim, largest=largest, sorted=True)
-    chunks = n // m
-    blocks = key.narrow(dim, 0, chunks * m).unflatten(dim, (m, chunks))
-    leaders = blocks.amax(dim) if largest else blocks.amin(dim)
+    leaders = _chunk_leaders(key, m, dim, largest)
     if not largest and leaders.is_floating_point() and bool(leaders.isnan().any()):
         return torch.topk(key, k, dim, largest=largest, sorted=True)
-    _, best = _topk_candidates(leaders, k, dim, largest)
-    trailing = (1,) * (key.dim() - dim - 1)
-    offsets = torch.arange(0, chunks * m, chunks, device=key.device).view((m, 1) + trailing)
-    index = (best.unsqueeze(dim) + offsets).flatten(dim, dim + 1)
-    if chunks * m < n:  # the tail that fills no whole chunk is always a candidate
-        shape = list(index.shape)
-        shape[dim] = n - chunks * m
-        tail = torch.arange(chunks * m, n, device=key.device).view((-1,) + trailing)
-        index = torch.cat([index, tail.expand(shape)], dim)
-    values, pick = torch.topk(key.gather(dim, index), k, dim, largest=largest, sorted=True)
-    return values, index.gather(dim, pick)
+    index = _chunk_members(_topk_candidates(leaders, k, dim, largest)[1], m, n, dim)
+    candidates = key.gather(dim, index)
+    if candidates.dtype in _HALF:  # exact, and ATen's topk is slow on halves
+        candidates = candidates.float()
+    values, pick = torch.topk(candidates, k, dim, largest=largest, sorted=True)
+    return values.to(key.dtype), index.gather(dim, pick)
+
+
+def _ranking_key(values: torch.Tensor, positions: torch.Tensor, largest: bool) -> torch.Tensor:
+    """An int64 key that orders float32-representable ``values`` with no ties: equal values
+    are ordered by position so that the lower index ranks first. NaN-free input only."""
+    bits = (values.float() + 0.0).view(torch.int32).long()  # + 0.0 turns -0.0 into +0.0
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # the floats' order, as integers
+    return (ordered << 32) | ((0xFFFFFFFF - positions) if largest else positions)
+
+
+_TIE_EXACT_DTYPES = (torch.float32, *_HALF)
+
+
+def _complete_topk(key: torch.Tensor, k: int, dim: int, largest: bool) -> torch.Tensor | None:
+    """Indices of the exact top-k (tie rule included) of long NaN-free float rows, or ``None``.
+
+    Let ``b`` be the k-th best chunk leader. At least k elements reach ``b``, so every
+    element that reaches the k-th best value lies in a chunk whose leader reaches ``b``:
+    the chunks whose leaders reach ``b`` hold all of the top k *and all of its ties*.
+    A tie-free :func:`_ranking_key` over just those candidates then settles the order.
+    """
+    n = key.shape[dim]
+    m = _chunk_length(n, k)
+    if m == 1 or k == 0 or key.dtype not in _TIE_EXACT_DTYPES or key.device.type != "cpu":
+        return None
+    leaders = _chunk_leaders(key, m, dim, largest)
+    if bool(leaders.isnan().any()):  # a leader is NaN exactly when its chunk holds a NaN
+        return None
+    values, best = _topk_candidates(leaders, k, dim, largest)
+    bound = values.narrow(dim, k - 1, 1)
+    reaching = int((leaders >= bound if largest else leaders <= bound).sum(dim).max())
+    if reaching > k:  # leaders tie at the bound: take every chunk that reaches it
+        best = _topk_candidates(leaders, reaching, dim, largest)[1]
+    index = _chunk_members(best, m, n, dim)
+    ranking = _ranking_key(key.gather(dim, index), index, largest)
+    return index.gather(dim, torch.topk(ranking, k, dim, largest=largest, sorted=True).indices)
 
 
 def _before(a: torch.Tensor, b: torch.Tensor, largest: bool) -> torch.Tensor:
@@ -114,6 +173,14 @@ class _Selection:
     def __init__(self, key: torch.Tensor, k, dim: int, largest: bool):
         n = key.shape[dim]
         kmax = k if isinstance(k, int) else int(k.max())
+        shape = [1] * key.dim()
+        exact = _complete_topk(key, kmax, dim, largest)
+        if exact is not None:
+            self.index, self.dirty = exact, None
+            shape[dim] = kmax
+            ranks = torch.arange(kmax, device=key.device).view(shape)
+            self.take = None if isinstance(k, int) else ranks < k.unsqueeze(dim)
+            return
         values, self.index = _topk_candidates(key, min(kmax + 1, n), dim, largest)
         self.threshold = _kth(values, k, dim)
         settled = _before(self.threshold, _kth(values, k + 1, dim), largest).squeeze(dim) | (k == 0) | (k == n)
@@ -121,7 +188,6 @@ class _Selection:
         if isinstance(k, int) and self.dirty is None:
             self.index, self.take = self.index.narrow(dim, 0, k), None
             return
-        shape = [1] * key.dim()
         shape[dim] = values.shape[dim]
         ranks = torch.arange(values.shape[dim], device=key.device).view(shape)
         self.take = ranks < (k if isinstance(k, int) else k.unsqueeze(dim))
@@ -142,7 +208,8 @@ def _repair(out, key, x, sel: _Selection, dim: int, keep_values: bool):
     """Select, in every dirty slice, its ``missing`` lowest-index elements tied with the threshold.
 
     Works through blocks of the leading batch dimension so that the scratch mask
-    stays small; ``nonzero`` lists the ties of each slice in increasing index order.
+    stays small; ``nonzero`` lists the ties of each slice in increasing index order
+    (ties in settled slices are listed too, and dropped: their ``missing`` is 0).
     """
     key_m, t_m, out_m, x_m = (a.movedim(dim, -1) for a in (key, sel.threshold, out, x))
     nan = bool(t_m.isnan().any())
@@ -151,8 +218,7 @@ def _repair(out, key, x, sel: _Selection, dim: int, keep_values: bool):
         missing = sel.missing[start : start + block]
         if not bool(missing.any()):
             continue
-        tied = _tied(key_m[start : start + block], t_m[start : start + block], nan) & (missing > 0).unsqueeze(-1)
-        where = tied.nonzero()
+        where = _tied(key_m[start : start + block], t_m[start : start + block], nan).nonzero()
         slices = where[:, :-1]
         first = torch.ones(len(where), dtype=torch.bool, device=where.device)
         first[1:] = (slices[1:] != slices[:-1]).any(-1)
