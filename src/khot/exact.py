@@ -71,6 +71,28 @@ def _chunk_members(best: torch.Tensor, m: int, n: int, dim: int) -> torch.Tensor
     return index
 
 
+_ORDER_INT = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+def _ordered(values: torch.Tensor) -> torch.Tensor:
+    """Floats as integers of the same width, in the same order (an involution on the bits).
+
+    NaNs all map to the largest integer, so they rank above +inf and tie with each other.
+    """
+    bits = (values + 0.0).view(_ORDER_INT[values.dtype])  # + 0.0 turns -0.0 into +0.0, so zeros tie
+    sign = bits.element_size() * 8 - 1
+    ordered = bits ^ ((bits >> sign) & ((1 << sign) - 1))
+    return ordered.masked_fill_(values.isnan(), torch.iinfo(ordered.dtype).max)
+
+
+def _rowblocks(key: torch.Tensor, dim: int):
+    """``key`` with ``dim`` last, cut along its leading dimension into blocks of about
+    ``_REPAIR_BLOCK`` elements (so that per-block scratch tensors stay small)."""
+    rows = key.movedim(dim, -1)
+    step = max(1, _REPAIR_BLOCK // max(rows[0].numel(), 1))
+    return [rows[start : start + step] for start in range(0, rows.shape[0], step)]
+
+
 def _topk_candidates(key: torch.Tensor, k: int, dim: int, largest: bool):
     """``torch.topk(key, k, dim, largest, sorted=True)`` by pruning to the best chunks.
 
@@ -94,14 +116,26 @@ def _topk_candidates(key: torch.Tensor, k: int, dim: int, largest: bool):
 
 
 def _ranking_key(values: torch.Tensor, positions: torch.Tensor, largest: bool) -> torch.Tensor:
-    """An int64 key that orders float32-representable ``values`` with no ties: equal values
-    are ordered by position so that the lower index ranks first. NaN-free input only."""
-    bits = (values.float() + 0.0).view(torch.int32).long()  # + 0.0 turns -0.0 into +0.0
-    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # the floats' order, as integers
+    """A tie-free int64 key for float32-representable ``values``: their order, then the
+    position (the lower index ranks first)."""
+    ordered = _ordered(values.float()).long()
     return (ordered << 32) | ((0xFFFFFFFF - positions) if largest else positions)
 
 
 _TIE_EXACT_DTYPES = (torch.float32, *_HALF)
+
+
+def _half_topk(key: torch.Tensor, k: int, dim: int, largest: bool) -> torch.Tensor:
+    """Exact top-k indices (tie rule included) of half-precision rows of at most 2**16:
+    16 bits of order key and 16 bits of position make one tie-free int32 ranking key."""
+    n = key.shape[dim]
+    positions = torch.arange(n, dtype=torch.int32, device=key.device)
+    tiebreak = (n - 1 - positions) if largest else positions
+    index = []
+    for block in _rowblocks(key, dim):
+        ranking = (_ordered(block).int() << 16) | tiebreak
+        index.append(torch.topk(ranking, k, -1, largest=largest, sorted=True).indices)
+    return torch.cat(index).movedim(-1, dim)
 
 
 def _complete_topk(key: torch.Tensor, k: int, dim: int, largest: bool) -> torch.Tensor | None:
@@ -114,8 +148,10 @@ def _complete_topk(key: torch.Tensor, k: int, dim: int, largest: bool) -> torch.
     """
     n = key.shape[dim]
     m = _chunk_length(n, k)
-    if m == 1 or k == 0 or key.dtype not in _TIE_EXACT_DTYPES or key.device.type != "cpu":
+    if k == 0 or key.dtype not in _TIE_EXACT_DTYPES or key.device.type != "cpu":
         return None
+    if m == 1:
+        return _half_topk(key, k, dim, largest) if key.dtype in _HALF and n <= 1 << 16 else None
     leaders = _chunk_leaders(key, m, dim, largest)
     if bool(leaders.isnan().any()):  # a leader is NaN exactly when its chunk holds a NaN
         return None
