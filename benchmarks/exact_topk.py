@@ -22,6 +22,7 @@ import time
 import torch
 
 import khot
+from khot.bench.measure import baseline_keep, baseline_mask, peak_mib
 
 GRID = [  # (shape, k, dim)
     ((4096, 32768), 64, -1),
@@ -31,14 +32,6 @@ GRID = [  # (shape, k, dim)
     ((32768, 512), 16, 0),
 ]
 QUICK = [((256, 4096), 32, -1), ((4096, 64), 8, -1), ((16, 50000), 500, -1), ((4096, 256), 16, 0)]
-
-
-def baseline_mask(x, k, dim):
-    return torch.zeros_like(x, dtype=torch.bool).scatter_(dim, x.topk(k, dim).indices, True)
-
-
-def baseline_keep(x, k, dim):
-    return x * torch.zeros_like(x).scatter_(dim, x.topk(k, dim).indices, 1)
 
 
 def _sync(device):
@@ -54,33 +47,6 @@ def _seconds(fn, x, k, dim):
     return time.perf_counter() - start
 
 
-def _peak_mib(fn, x, k, dim) -> float:
-    """Peak memory one call needs beyond its input, in MiB."""
-    if x.device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        fn(x, k, dim)
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - before) / 2**20
-    try:  # Linux: writing 5 to clear_refs resets the peak resident size to the current one
-        with open("/proc/self/clear_refs", "w") as refs:
-            refs.write("5")
-        before = _status_kib("VmRSS")
-    except OSError:
-        return float("nan")
-    fn(x, k, dim)
-    return (_status_kib("VmHWM") - before) / 1024
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise OSError(f"{field} not in /proc/self/status")
-
-
 def measure(ours, baseline, x, k, dim, repeats):
     for fn in (ours, baseline):  # warm-up, and check that both agree where they must
         fn(x, k, dim)
@@ -91,8 +57,8 @@ def measure(ours, baseline, x, k, dim, repeats):
     return (
         statistics.median(times[ours]) * 1e3,
         statistics.median(times[baseline]) * 1e3,
-        _peak_mib(ours, x, k, dim),
-        _peak_mib(baseline, x, k, dim),
+        peak_mib(lambda: ours(x, k, dim), x.device),
+        peak_mib(lambda: baseline(x, k, dim), x.device),
     )
 
 

@@ -2,26 +2,24 @@
 
 1. systematic vs one torch.sort of the same (64, 10**5) float32 tensor (goal: <= 1.5x);
 2. Brewer's method vs k (n = 10**4, batch 64), against systematic on the same input;
-3. Pareto on the (64, 10**5) input.
+3. Pareto on the (64, 10**5) input;
+4. khot.nn.TopKActivation(64, dense=False) (values + indices) vs the dense
+   ``topk + zeros_like + scatter`` pattern on a (4096, 32768) float32 input: time and peak
+   memory beyond the input (goal: at most half the dense pattern's peak).
 
 Run: python benchmarks/sampling.py  (medians of torch.utils.benchmark.Timer)
+     python benchmarks/sampling.py --sae  (section 4 only)
 """
 
 from __future__ import annotations
 
+import sys
+
 import torch
-from torch.utils.benchmark import Timer
 
+from khot.bench.measure import median_ms, peak_mib
+from khot.nn import TopKActivation
 from khot.sampling import pips_sample
-
-
-def median_ms(fn, min_run_time: float = 2.0) -> float:
-    """Median time in ms; ``min_run_time=0`` times a single run with no warm-up (slow cases)."""
-    timer = Timer("fn()", globals={"fn": fn})
-    if not min_run_time:
-        return timer.timeit(1).median * 1e3
-    fn()  # warm-up
-    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
 
 
 def probabilities(batch: int, n: int, k: int, gen: torch.Generator) -> torch.Tensor:
@@ -35,9 +33,36 @@ def probabilities(batch: int, n: int, k: int, gen: torch.Generator) -> torch.Ten
     return torch.sigmoid(logits + (lo + hi) / 2).float()
 
 
+def dense_topk_activation(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The usual TopK SAE activation: relu(topk) written into a dense zero tensor."""
+    values, indices = x.topk(k, dim=-1)
+    return torch.zeros_like(x).scatter_(-1, indices, values.relu())
+
+
+def sae_activation() -> None:
+    x = torch.randn(4096, 32768, generator=torch.Generator().manual_seed(0))
+    k = 64
+    sparse = TopKActivation(k, dense=False)
+    rows = [
+        ("dense topk+scatter", lambda: dense_topk_activation(x, k)),
+        ("TopKActivation dense", lambda: TopKActivation(k)(x)),
+        ("TopKActivation (values, indices)", lambda: sparse(x)),
+    ]
+    print("TopKActivation, (4096, 32768) float32, k = 64 (peak MiB beyond the 512 MiB input)")
+    print(f"{'op':<34}{'median ms':>11}{'peak MiB':>10}{'vs dense':>10}")
+    base = None
+    for name, fn in rows:
+        peak = peak_mib(fn, x.device)  # first call: also the warm-up
+        ms = median_ms(fn, 3.0)
+        base = base or peak
+        print(f"{name:<34}{ms:>11.1f}{peak:>10.1f}{peak / base:>9.2f}x")
+
+
 def main() -> None:
     gen = torch.Generator().manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+    if "--sae" in sys.argv:
+        return sae_activation()
 
     x = torch.rand(64, 10**5, generator=gen)
     pi = x * (100 / x.sum(-1, keepdim=True))
@@ -56,6 +81,8 @@ def main() -> None:
         brewer = median_ms(lambda: pips_sample(p, design="brewer", generator=gen), 1.0 if k < 100 else 0)
         systematic = median_ms(lambda: pips_sample(p, design="systematic", generator=gen))
         print(f"{k:>6}{brewer:>12.1f}{systematic:>15.1f}{brewer / systematic:>8.1f}x")
+    print()
+    sae_activation()
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from . import metrics, nn
 from .exact import keep_topk, select_topk, topk_mask
 from .relaxed import soft_select, soft_topk
 from .relaxed.sigmoid import sigmoid_topk
+from .sampling import sample_khot
 
-__all__ = ["topk_mask", "keep_topk", "select_topk", "sigmoid_topk", "soft_topk", "soft_select", "metrics", "nn"]
+__all__ = ["topk_mask", "keep_topk", "select_topk", "sigmoid_topk", "soft_topk", "soft_select", "sample_khot", "metrics", "nn"]
 __version__ = "0.1.0"

@@ -155,12 +155,13 @@ def _complete_topk(key: torch.Tensor, k: int, dim: int, largest: bool) -> torch.
     leaders = _chunk_leaders(key, m, dim, largest)
     if bool(leaders.isnan().any()):  # a leader is NaN exactly when its chunk holds a NaN
         return None
-    values, best = _topk_candidates(leaders, k, dim, largest)
+    spare = min(2 * k, leaders.shape[dim])  # room for leaders that tie at the bound
+    values, best = _topk_candidates(leaders, spare, dim, largest)
     bound = values.narrow(dim, k - 1, 1)
     reaching = int((leaders >= bound if largest else leaders <= bound).sum(dim).max())
-    if reaching > k:  # leaders tie at the bound: take every chunk that reaches it
-        best = _topk_candidates(leaders, reaching, dim, largest)[1]
-    index = _chunk_members(best, m, n, dim)
+    if reaching > spare:
+        values, best = _topk_candidates(leaders, reaching, dim, largest)
+    index = _chunk_members(best.narrow(dim, 0, reaching), m, n, dim)
     ranking = _ranking_key(key.gather(dim, index), index, largest)
     return index.gather(dim, torch.topk(ranking, k, dim, largest=largest, sorted=True).indices)
 
@@ -378,13 +379,25 @@ def select_topk(x: torch.Tensor, scores: torch.Tensor, k: int, *, sorted: bool =
     check_rows(x, scores)
     if not isinstance(k, int) or isinstance(k, bool):
         raise TypeError(f"k must be an int for select_topk, got {type(k).__name__}")
-    mask = topk_mask(scores, k, -1)
-    indices = _positions(mask, k)
+    indices = _topk_indices(scores, k)
     if sorted:
         order = scores.gather(-1, indices).sort(dim=-1, descending=True, stable=True).indices
         indices = indices.gather(-1, order)
     values = x.gather(-2, indices.unsqueeze(-1).expand(*indices.shape, x.shape[-1]))
     return values, indices
+
+
+def _topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices ``(..., k)`` of the exact top-k of every row of ``scores``, in increasing order.
+
+    Straight from the candidates when they settle every row (no tensor of the size of
+    ``scores`` is built); otherwise read off the exact mask.
+    """
+    if not torch.compiler.is_compiling() and scores.dim() >= 2 and scores.numel():
+        sel = _Selection(scores.detach(), k, scores.dim() - 1, True)
+        if sel.dirty is None and sel.take is None:
+            return sel.index.sort(-1).values
+    return _positions(topk_mask(scores, k), k)
 
 
 def _positions(mask: torch.Tensor, k: int) -> torch.Tensor:

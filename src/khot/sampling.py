@@ -49,6 +49,30 @@ phantom item with probability ``ceil(s) - s`` joins the slice and is dropped fro
 result, so the sample has ``floor(s)`` or ``ceil(s)`` items, ``ceil(s)`` with
 probability ``s - floor(s)``, and every real item keeps its inclusion probability.
 
+Training through a sample: :func:`sample_khot`. It draws a k-hot ``D`` from
+``pi = sigmoid_topk(x, k)`` and returns ``D`` with one of two gradient estimators, for an
+upstream gradient ``g`` and ``J(q) = (diag(w) - w w^T / S) / tau``, ``w = q (1 - q)``,
+``S = sum(w)``, the Jacobian of sigmoid top-k at a point ``q`` of the k-capped simplex:
+
+``"straight_through"``
+    ``J(pi)^T g``: the gradient of ``pi``. For a linear loss it is exactly the gradient of
+    ``E[f(D)] = f(pi)`` (every exact design has ``E[D] = pi``); in general a first-order
+    approximation of it (Wijk et al.).
+``"reinmax"``
+    ``2 J(pi1)^T g - J(pi)^T g / 2`` with ``pi1 = (pi + D) / 2``: ReinMax (Liu et al. 2023,
+    a second-order, Heun-type estimator for one-hot samples) with softmax replaced by
+    sigmoid top-k. The adaptation is natural because the midpoint ``pi1`` of two points of
+    the k-capped simplex is on it, so it is the sigmoid top-k of ``logit(pi1)``, and
+    ``J(q)`` has the form of the softmax Jacobian ``diag(p) - p p^T`` (``w = p``, ``S = 1``).
+    Its diagonal part has the expectation of straight-through's: with ``E[D] = pi``,
+    ``E[w(pi1)_i] = 3/4 w(pi)_i`` exactly. Unlike one-hot ReinMax, the rank-one part
+    ``w w^T / S`` is not a polynomial in ``D``, so for a linear loss the estimator is close
+    to, not exactly, unbiased. ``J(pi1)`` is applied in closed form (no second solve).
+
+``method="gumbel"`` (Gumbel top-k of ``x / tau``) keeps the straight-through gradient of
+``pi`` but samples from a different distribution (see above): it is offered for
+comparison, not as a πps design.
+
 Guarantees (all designs): exactly the stated number of ones per slice; items with
 ``pi = 0`` are never drawn, items with ``pi = 1`` always. The exact designs work with
 ``pi`` rounded down to multiples of ``2**-b``, where ``b = min(52, 62 - bit_length(n + 1))``
@@ -61,10 +85,14 @@ import torch
 from torch import Tensor
 
 from ._checks import check_choice, check_tensor, normalize_dim
+from .exact import topk_mask
+from .relaxed.sigmoid import sigmoid_topk
 
-__all__ = ["DESIGNS", "pips_sample", "straight_through"]
+__all__ = ["DESIGNS", "GRADIENTS", "METHODS", "pips_sample", "sample_khot", "straight_through"]
 
 DESIGNS = ("systematic", "brewer", "pareto")
+GRADIENTS = ("straight_through", "reinmax")
+METHODS = ("pips", "gumbel")
 
 
 def straight_through(hard: Tensor, soft: Tensor) -> Tensor:
@@ -119,7 +147,12 @@ def pips_sample(
             [0., 0., 1.]])
     """
     check_tensor("pi", pi, floating=True)
-    dim = normalize_dim(dim, pi.ndim)
+    return _draw(pi, normalize_dim(dim, pi.ndim), design, generator, torch.finfo(pi.dtype).eps)
+
+
+def _draw(pi: Tensor, dim: int, design: str, generator: torch.Generator | None, eps: float) -> Tensor:
+    """:func:`pips_sample` after the checks of ``pi`` and ``dim``; slice sums within
+    ``1e-6 + s * eps`` of an integer count as that integer."""
     check_choice("design", design, DESIGNS)
     if generator is not None:
         if not isinstance(generator, torch.Generator):
@@ -136,9 +169,96 @@ def pips_sample(
     rows = moved.reshape(-1, moved.shape[-1])
     work = rows if rows.dtype in (torch.float32, torch.float64) else rows.float()
     sampler = {"systematic": _systematic, "brewer": _brewer, "pareto": _pareto}[design]
-    out = sampler(work, torch.finfo(pi.dtype).eps, generator).to(pi.dtype).reshape(moved.shape)
+    out = sampler(work, eps, generator).to(pi.dtype).reshape(moved.shape)
     return out.movedim(-1, dim) if pi.ndim else out.reshape(())
 
+
+def sample_khot(
+    x: Tensor,
+    k: float | Tensor,
+    dim: int = -1,
+    *,
+    temperature: float | Tensor = 1.0,
+    design: str = "systematic",
+    gradient: str = "straight_through",
+    method: str = "pips",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """A random k-hot vector along ``dim`` whose gradient flows through ``π = sigmoid_topk(x, k)``.
+
+    ``method="pips"`` (default) draws a πps sample of ``π = sigmoid_topk(x, k, dim,
+    temperature=temperature)`` with :func:`pips_sample`, so ``P(i drawn) = π_i``;
+    ``method="gumbel"`` takes the exact top-k (:func:`khot.topk_mask`) of ``x / temperature``
+    plus i.i.d. Gumbel noise: it samples ``k`` items one at a time proportionally to
+    ``softmax(x / temperature)`` without replacement, which does **not** give the inclusion
+    probabilities ``π`` (it favours likely items: see the module docstring).
+
+    The forward value is the hard sample. Backward (see the module docstring):
+    ``gradient="straight_through"`` is the gradient of ``π``; ``gradient="reinmax"`` is the
+    k-hot ReinMax estimator (``method="pips"`` only).
+
+    Args:
+        x: floating-point scores.
+        k: the sample size, ``0 <= k <= n``: a number or a per-slice tensor, as for
+            :func:`khot.sigmoid_topk`. An integer ``k`` gives exactly ``k`` ones per slice;
+            a real ``k`` gives ``floor(k)`` or ``ceil(k)`` (``"pips"`` only: ``"gumbel"``
+            needs an int or an integer tensor).
+        dim: the dimension holding the items.
+        temperature: ``τ > 0`` of the sigmoid top-k (and of the Gumbel scores).
+        design: the πps design of :func:`pips_sample` (``"pips"`` only).
+        gradient: ``"straight_through"`` or ``"reinmax"``.
+        method: ``"pips"`` or ``"gumbel"``.
+        generator: the only source of randomness; ``None`` uses the global RNG.
+
+    Returns:
+        A 0/1 tensor with the shape, dtype and device of ``x``, differentiable with
+        respect to ``x``, a tensor ``k`` and a tensor ``temperature``.
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> x = torch.tensor([2.0, -1.0, 0.5, 0.0, 1.0], requires_grad=True)
+    >>> s = sample_khot(x, 2, generator=g)
+    >>> s.sum().item(), s.detach().tolist()
+    (2.0, [1.0, 0.0, 0.0, 0.0, 1.0])
+    >>> (s * torch.arange(5.0)).sum().backward()
+    >>> torch.allclose(x.grad.sum(), torch.tensor(0.0), atol=1e-6)  # π sums to k: gradients sum to 0
+    True
+    """
+    check_choice("method", method, METHODS)
+    check_choice("gradient", gradient, GRADIENTS)
+    check_choice("design", design, DESIGNS)
+    if method == "gumbel" and gradient == "reinmax":
+        raise ValueError("gradient='reinmax' needs method='pips': its derivation assumes E[sample] = pi")
+    pi = sigmoid_topk(x, k, dim, temperature=temperature)
+    d = normalize_dim(dim, x.dim())
+    if method == "gumbel":
+        if isinstance(temperature, Tensor):  # per slice: put it back in place along dim
+            temperature = torch.broadcast_to(temperature.detach(), pi.movedim(d, -1).shape[:-1]).unsqueeze(d)
+        noise = torch.empty_like(x).exponential_(generator=generator).log_().neg_()  # Gumbel(0, 1)
+        return straight_through(topk_mask(x.detach() / temperature + noise, k, d).to(x.dtype), pi)
+    # sigmoid_topk meets Σπ = k within 1e-5 * max(1, k) (1e-12 in float64): count that as k
+    eps = max(torch.finfo(pi.dtype).eps, 2e-12 if pi.dtype == torch.float64 else 2e-5)
+    hard = _draw(pi.detach(), d, design, generator, eps)
+    if gradient == "straight_through":
+        return straight_through(hard, pi)
+    return straight_through(hard, 2 * _tangent((pi.detach() + hard) / 2, x, k, d, temperature) - pi / 2)
+
+
+def _tangent(q: Tensor, x: Tensor, k: float | Tensor, dim: int, temperature: float | Tensor) -> Tensor:
+    """A function of ``(x, k, temperature)`` whose derivatives are those of sigmoid top-k at the
+    point ``q`` (``q`` on the k-capped simplex, detached).
+
+    Sigmoid top-k is ``σ(z + c)`` with ``z = x / τ`` and ``c`` fixed by ``Σ σ(z + c) = k``; at a
+    point with ``w = q (1 - q)`` and ``S = Σ w`` its derivative is ``w (dz + dc)`` with
+    ``dc = (dk - Σ w dz) / S``. That is the derivative of the linear map returned here,
+    ``w (z + (k - Σ w z) / S)``; its value is meaningless (callers only differentiate it).
+    """
+    k, tau = (v.unsqueeze(-1) if isinstance(v, Tensor) else v for v in (k, temperature))  # per slice
+    q = q.movedim(dim, -1)
+    w = q * (1 - q)
+    s = w.sum(-1, keepdim=True)
+    z = torch.where(w > 0, x.movedim(dim, -1) / tau, 0)  # w = 0 where x = ±inf
+    c = (k - (w * z).sum(-1, keepdim=True)) / torch.where(s > 0, s, 1)
+    return (w * (z + c)).movedim(-1, dim)
 
 def _size(s: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """Sample size per slice (float64, integral) and whether the sum ``s`` counts as integer."""

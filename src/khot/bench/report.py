@@ -1,0 +1,235 @@
+"""The outputs of ``khot bench``: the CSV of every measurement and the Markdown report.
+
+The CSV is written row by row and flushed, so an interrupted run leaves every finished
+measurement readable. The report's tables and its "which method when" summary are
+computed from the rows (nothing in it is written by hand).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+__all__ = ["COLUMNS", "LABELS", "CsvLog", "read_csv", "write_report"]
+
+COLUMNS = (
+    "suite", "method", "source", "version", "reference", "baseline", "status", "batch", "n", "k", "d", "dtype", "device",
+    "fwd_ms", "fwd_bwd_ms", "peak_mib", "nccs", "mask_l1", "sum_err", "grad_cos", "incl_err", "incl_z", "draws",
+    "torch", "khot",
+)  # fmt: skip
+_TEXT = {"suite", "method", "source", "version", "baseline", "status", "dtype", "device", "torch", "khot"}
+LABELS = {
+    "nccs": "nCCS (↑)", "mask_l1": "L1 to exact / 2k (↓)", "sum_err": "|Σ - k| (↓)",
+    "grad_cos": "grad cos vs finite diff. (↑)", "incl_err": "max |P(i) - π_i| (↓)", "incl_z": "max z-score of P(i) - π_i (↓; 3-4 is noise)",
+    "fwd_ms": "forward ms", "fwd_bwd_ms": "fwd+bwd ms",
+}  # fmt: skip
+
+
+class CsvLog:
+    """A CSV of measurements in :data:`COLUMNS` order, flushed after every row."""
+
+    def __init__(self, path: Path):
+        self._file = open(path, "w", newline="")
+        self._writer = csv.DictWriter(self._file, COLUMNS)
+        self._writer.writeheader()
+        self._file.flush()
+
+    def write(self, row: dict) -> None:
+        self._writer.writerow({key: _cell(value) for key, value in row.items()})
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _cell(value):
+    return f"{value:.6g}" if isinstance(value, float) else value
+
+
+def read_csv(path: Path) -> list[dict]:
+    """The rows of a CSV written by :class:`CsvLog`: numbers as floats/ints, empty cells left out."""
+    with open(path, newline="") as file:
+        return [
+            {key: value if key in _TEXT else _number(value) for key, value in row.items() if value != ""}
+            for row in csv.DictReader(file)
+        ]
+
+
+def _number(text: str):
+    value = float(text)
+    return int(value) if value.is_integer() and "." not in text and "e" not in text else value
+
+
+def _fmt(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+
+
+def ok_rows(rows):
+    """The rows measured without a failure or skip."""
+    return [r for r in rows if r.get("status") == "ok"]
+
+
+def _group(row: dict, by: str):
+    return row["n"] // row["k"] if by == "n/k" else row[by]
+
+
+def nanmedian(values):
+    """Median of the values that are not missing or NaN (NaN if none)."""
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    return statistics.median(values) if values else math.nan
+
+
+def _cells(rows):
+    """Rows grouped by input: ``{(batch, n, k, dtype, device): [rows]}`` in order of appearance."""
+    out = defaultdict(list)
+    for r in rows:
+        out[r["batch"], r["n"], r["k"], r["dtype"], r["device"]].append(r)
+    return out
+
+
+def _pareto(rows, metric, higher, time):
+    """Methods no other method beats on both quality and time in this cell."""
+    def better(a, b):
+        qa, qb = (a[metric], b[metric]) if higher else (-a[metric], -b[metric])
+        return qa >= qb and a[time] <= b[time] and (qa > qb or a[time] < b[time])
+
+    rows = [r for r in rows if metric in r and time in r]
+    return [r["method"] for r in rows if not any(better(o, r) for o in rows)]
+
+
+def summary(rows: list[dict], suite) -> list[str]:
+    """The "which method when" lines of one suite, computed from its rows."""
+    metric, higher = suite.quality
+    time = suite.time
+    ranked = [r for r in ok_rows(rows) if not r.get("reference")]
+    if not ranked:
+        return ["No method ran within the budgets."]
+    best, fastest, front = defaultdict(list), defaultdict(list), defaultdict(list)
+    for cell in _cells(ranked).values():
+        scored = [r for r in cell if metric in r]
+        timed = [r for r in cell if time in r]
+        if scored:
+            pick = (max if higher else min)(scored, key=lambda r: r[metric])
+            best[pick["method"]].append(cell[0])
+        if timed:
+            fastest[min(timed, key=lambda r: r[time])["method"]].append(cell[0])
+        for name in _pareto(cell, metric, higher, time):
+            front[name].append(cell[0])
+    n_cells = len(_cells(ranked))
+    lines = [
+        "| " + f"{suite.by} | best {LABELS[metric]} | fastest ({LABELS[time]}) | not beaten on both |",
+        "|---|---|---|---|",
+    ]
+    groups = defaultdict(list)
+    for r in ranked:
+        groups[_group(r, suite.by)].append(r)
+    for key in sorted(groups):
+        g = groups[key]
+        q = _per_method(g, metric)
+        t = _per_method(g, time)
+        top_q = (max if higher else min)(q, key=q.get) if q else None
+        top_t = min(t, key=t.get) if t else None
+        pareto = sorted({m for cell in _cells(g).values() for m in _pareto(cell, metric, higher, time)})
+        lines.append(
+            f"| {key} | {f'`{top_q}` ({_fmt(q[top_q])})' if top_q else '–'} "
+            f"| {f'`{top_t}` ({_fmt(t[top_t])})' if top_t else '–'} | {', '.join(f'`{m}`' for m in pareto) or '–'} |"
+        )
+    lines.append("")
+    for label, counts in (("Best quality", best), ("Fastest", fastest), ("Never beaten on both quality and time", front)):
+        if counts:
+            ordered = sorted(counts, key=lambda m: -len(counts[m]))
+            lines.append(f"- **{label}**: " + ", ".join(f"`{m}` in {len(counts[m])}/{n_cells} cells" for m in ordered))
+    for column in suite.metrics[1:]:
+        medians = _per_method(ranked, column)
+        if medians:
+            lines.append(f"- median {LABELS[column]}: " + ", ".join(f"`{m}` {_fmt(v)}" for m, v in medians.items()))
+    lines += _limits(rows) + _speedups(rows, time)
+    return lines
+
+
+def _per_method(rows, column):
+    """Median of ``column`` per method (methods without it left out)."""
+    values = defaultdict(list)
+    for r in rows:
+        if column in r:
+            values[r["method"]].append(r[column])
+    return {m: nanmedian(v) for m, v in values.items() if not math.isnan(nanmedian(v))}
+
+
+def _limits(rows) -> list[str]:
+    """One line per method that did not run some cell: the largest n it ran and why it stopped."""
+    lines = []
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == method]
+        failed = [r for r in mine if r["status"] != "ok"]
+        if failed:
+            done = [r["n"] for r in ok_rows(mine)]
+            reached = f"ran up to n = {max(done)}" if done else "ran no cell"
+            first = failed[0]
+            lines.append(f"- `{method}` {reached}; first failure at n = {first['n']}, k = {first['k']}: {first['status']}")
+    return lines
+
+
+def _speedups(rows, time) -> list[str]:
+    """Median time of each method relative to its suite's reference, cell by cell."""
+    ratios = defaultdict(list)
+    for cell in _cells(ok_rows(rows)).values():
+        times = {r["method"]: r.get(time) for r in cell}
+        for r in cell:
+            base = times.get(r.get("baseline"))
+            if base and r.get(time):
+                ratios[r["method"], r["baseline"]].append(r[time] / base)
+    return [
+        f"- `{m}` takes {_fmt(nanmedian(v))}× the time of `{b}` (median over {len(v)} cells; < 1 is faster)"
+        for (m, b), v in ratios.items()
+    ]
+
+
+def table(rows: list[dict], suite) -> list[str]:
+    """A Markdown table: one line per input, one column per method, "quality · time" in each."""
+    metric = suite.quality[0]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    lines = [
+        "| batch | n | k | dtype | " + " | ".join(f"`{m}`" for m in methods) + " |",
+        "|---:|---:|---:|---|" + "---|" * len(methods),
+    ]
+    for (batch, n, k, dtype, _), cell in _cells(rows).items():
+        by_method = {r["method"]: r for r in cell}
+        entries = []
+        for m in methods:
+            r = by_method.get(m)
+            if r is None:
+                entries.append("")
+            elif r["status"] != "ok":
+                entries.append(r["status"].split(":")[0])
+            else:
+                q = _fmt(r[metric]) + " · " if metric in r else ""
+                entries.append(q + _fmt(r.get(suite.time, r.get("fwd_ms"))) + " ms")
+        lines.append(f"| {batch} | {n} | {k} | {dtype} | " + " | ".join(entries) + " |")
+    legend = f"Each cell: {LABELS[metric]} · {LABELS[suite.time]}"
+    extra = [LABELS[c] for c in suite.metrics if c != metric]
+    return lines + ["", legend + (f" (the CSV also has {', '.join(extra)} and peak memory)." if extra else " (peak memory in the CSV).")]
+
+
+def write_report(rows: list[dict], suites: dict, out: Path, header: list[str], plots: list[str]) -> Path:
+    """Write ``out/report.md`` from the rows: header lines, summaries, tables and plots."""
+    text = ["# khot bench report", "", *header, "", "## Which method when", ""]
+    for name, suite in suites.items():
+        mine = [r for r in rows if r["suite"] == name]
+        if mine:
+            text += [f"### {suite.title}", "", *summary(mine, suite), ""]
+    for name, suite in suites.items():
+        mine = [r for r in rows if r["suite"] == name]
+        if mine:
+            text += [f"## `{name}`: {suite.title}", "", *table(mine, suite), ""]
+            text += [f"![{p}]({p})" for p in plots if p.endswith(f"_{name}.png")] + [""]
+    path = out / "report.md"
+    path.write_text("\n".join(text))
+    return path

@@ -1,0 +1,191 @@
+"""The ``khot`` command line (also ``python -m khot``). One command for now: ``khot bench``."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from . import __version__
+
+__all__ = ["main"]
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+BENCH_HELP = """\
+Benchmark every top-k method of khot, and the peers that are installed, side by side.
+
+Suites: selection (seed 002's grid, nCCS), masks (relaxed k-hot masks up to n = 10^6,
+distance to the exact mask, gradient check), exact (against torch.topk + scatter) and
+sampling (πps designs: inclusion-probability error and time). The defaults take a few
+minutes on a 2-core CPU; --full runs the published grids. Writes results.csv (one row per
+measurement, flushed as it goes), report.md and PNG plots to --out. A cell that cannot run
+within the budgets gets a row that says why. Ctrl-C stops and still writes the report.
+
+examples:
+  khot bench                                   # defaults, CPU
+  khot bench --suites masks --methods sigmoid,entmax-budget --n 1000,100000 --k 100
+  khot bench --device cuda --full --out gpu-report
+"""
+
+
+def _ints(text: str) -> list[int]:
+    """Comma-separated positive integers; ``1e6`` and ``2**14`` are accepted."""
+    try:
+        values = [_int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers (e.g. 16,1024 or 1e6), got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _int(part: str) -> int:
+    part = part.strip()
+    if "**" in part:
+        base, exponent = part.split("**")
+        return int(base) ** int(exponent)
+    value = float(part)
+    if not value.is_integer():
+        raise ValueError(part)
+    return int(value)
+
+
+def _count(text: str) -> int:
+    values = _ints(text)
+    if len(values) != 1:
+        raise argparse.ArgumentTypeError(f"expected one positive integer, got {text!r}")
+    return values[0]
+
+
+def _names(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _bench_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("bench", help="benchmark all methods and peers", description=BENCH_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--suites", type=_names, help="comma-separated: selection, masks, exact, sampling (default: all)")
+    p.add_argument("--methods", type=_names, help="comma-separated method names (default: all; references always run)")
+    p.add_argument("--n", type=_ints, help="sizes n to run instead of each suite's defaults")
+    p.add_argument("--k", type=_ints, help="values of k instead of the defaults (cells need k < n)")
+    p.add_argument("--batch", type=_ints, help="batch sizes instead of the defaults")
+    p.add_argument("--dtype", type=_names, default=["float32"], help=f"comma-separated, from {', '.join(DTYPES)} (default float32)")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
+    p.add_argument("--full", action="store_true", help="the published grids, with larger budgets (long)")
+    p.add_argument("--out", type=Path, default=Path("khot-report"), help="output folder (default khot-report/)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every input and sample (default 0)")
+    p.add_argument("--budget", type=_positive, help="seconds one call may take (default 2, 30 with --full)")
+    p.add_argument("--memory", type=_positive, help="GiB a method's estimate may need (default 2, 16 with --full)")
+    p.add_argument("--threads", type=_count, help="CPU threads for torch (default: torch's; 1 avoids OpenMP stalls on busy machines)")
+    p.add_argument("--no-progress", action="store_true", help="plain lines instead of a progress bar")
+    return p
+
+
+def _plan(args, error):
+    """The tasks the arguments ask for, or ``error(message)``."""
+    from .bench.runner import Task
+    from .bench.suites import SUITES, Cell, Settings
+
+    unknown = [s for s in args.suites or () if s not in SUITES]
+    if unknown:
+        error(f"unknown suite(s) {', '.join(map(repr, unknown))}; choose from {', '.join(SUITES)}")
+    suites = {name: SUITES[name] for name in args.suites or SUITES}
+    bad = [d for d in args.dtype if d not in DTYPES]
+    if bad:
+        error(f"unknown dtype(s) {', '.join(map(repr, bad))}; choose from {', '.join(DTYPES)}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as e:
+        error(f"--device {args.device!r}: {e}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        error(f"--device {args.device}: CUDA is not available (torch {torch.__version__}, no GPU or a CPU build)")
+    methods = {name: suite.methods() for name, suite in suites.items()}
+    valid = dict.fromkeys(m for ms in methods.values() for m in ms)
+    unknown = [m for m in args.methods or () if m not in valid]
+    if unknown:
+        error(f"unknown method(s) {', '.join(map(repr, unknown))} in suites {', '.join(suites)}; choose from {', '.join(valid)}")
+    budget = args.budget or (30.0 if args.full else 2.0)
+    memory = (args.memory or (16 if args.full else 2)) * 2**30
+    tasks = []
+    for name, suite in suites.items():
+        wanted = {m: impl for m, impl in methods[name].items() if impl.reference or not args.methods or m in args.methods}
+        if all(impl.reference for impl in wanted.values()):
+            continue
+        cells = dict.fromkeys(
+            Cell(b, n, k)
+            for c in (suite.full if args.full else suite.cells)
+            for b in args.batch or [c.batch]
+            for n in args.n or [c.n]
+            for k in args.k or [c.k]
+            if k < n
+        )
+        for dtype in args.dtype:
+            s = Settings(device, DTYPES[dtype], args.seed, 0.5 if args.full else 0.1, budget, memory)
+            tasks += [Task(name, suite, c, s, m, impl) for c in sorted(cells, key=lambda c: (c.n, c.k, c.batch)) for m, impl in wanted.items()]
+    if not tasks:
+        error(f"nothing to run: no cell has k < n (--n {args.n}, --k {args.k}) or no method in the chosen suites")
+    return suites, tasks
+
+
+def bench(args, error, command: str) -> int:
+    """``khot bench``: run the plan, then write the CSV, plots and report.md into ``args.out``."""
+    from .bench import peers, plots, report, runner
+
+    suites, tasks = _plan(args, error)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    print(f"khot bench: {len(tasks)} measurements -> {args.out}/", file=sys.stderr)
+    for line in peers.missing():
+        print(f"peer {line}", file=sys.stderr)
+    start = time.perf_counter()
+    rows, interrupted = runner.run(tasks, args.out / "results.csv", not args.no_progress)
+    wall = time.perf_counter() - start
+    ran = {name: suite for name, suite in suites.items() if any(r["suite"] == name for r in rows)}
+    names, note = plots.plot(rows, ran, args.out)
+    installed = [f"{p} {peers.version(p)}" for p in peers.PEERS if peers.load(p)]
+    header = [
+        f"`khot {command}`",
+        "",
+        f"- {datetime.datetime.now():%Y-%m-%d %H:%M}, device `{tasks[0].settings.device}` "
+        f"({platform.machine()}, {torch.get_num_threads()} threads), khot {__version__}, torch {torch.__version__}, "
+        f"Python {platform.python_version()}",
+        f"- budgets per cell: {tasks[0].settings.budget_s:g} s per call, {tasks[0].settings.memory_bytes / 2**30:g} GiB "
+        f"(estimated, for O(n²) peers); wall time {wall:.0f} s for {len(rows)} measurements"
+        + (" — **interrupted (Ctrl-C): partial results**" if interrupted else ""),
+        f"- peers: {', '.join(installed) or 'none installed'}" + "".join(f"; {m}" for m in peers.missing()),
+        "- references (`torch-topk*`, `softmax`, `torch-sort`) are timed for comparison, not ranked",
+    ] + ([f"- {note}"] if note else [])
+    path = report.write_report(rows, ran, args.out, header, names)
+    if note:
+        print(note, file=sys.stderr)
+    print(f"{'interrupted; partial ' if interrupted else ''}report: {path} ({wall:.0f} s)", file=sys.stderr)
+    return 130 if interrupted else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``khot`` console script."""
+    parser = argparse.ArgumentParser(prog="khot", description="khot: top-k for PyTorch, exact, differentiable and sampled.")
+    parser.add_argument("--version", action="version", version=f"khot {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    bench_parser = _bench_parser(sub)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    return bench(args, bench_parser.error, shlex.join(argv))

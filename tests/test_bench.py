@@ -1,0 +1,128 @@
+"""``khot bench``: argument errors, a tiny real run (CSV, report, plots), budgets and Ctrl-C."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+
+import pytest
+import torch
+
+from khot.bench import runner
+from khot.bench.report import COLUMNS, read_csv, write_report
+from khot.bench.suites import SUITES, Cell, Method, Settings, Suite, TooSlow
+from khot.cli import main
+
+TINY = ["--n", "16,32", "--k", "2", "--batch", "2", "--no-progress"]
+
+
+def _error(capsys, *argv) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", *argv])
+    assert exit_.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--n", "abc"], "expected comma-separated positive integers"),
+        (["--n", "0"], "expected positive integers"),
+        (["--k", "1.5"], "expected comma-separated positive integers"),
+        (["--suites", "nope"], "unknown suite(s) 'nope'; choose from selection, masks, exact, sampling"),
+        (["--dtype", "int8"], "unknown dtype(s) 'int8'; choose from float32"),
+        (["--n", "4", "--k", "8"], "nothing to run"),
+        (["--budget", "-1"], "expected a positive number"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
+def test_argument_errors(capsys, argv, message):
+    assert message in _error(capsys, *argv)
+
+
+def test_bad_method_lists_the_valid_ones(capsys):
+    err = _error(capsys, "--suites", "masks", "--methods", "sigmoid,nope")
+    assert "unknown method(s) 'nope'" in err
+    assert all(name in err for name in ("sigmoid", "halving", "iterative", "counting"))
+
+
+def test_no_command_is_an_error(capsys):
+    with pytest.raises(SystemExit):
+        main([])
+    assert "COMMAND" in capsys.readouterr().err
+
+
+def test_tiny_run_writes_csv_report_and_plots(tmp_path):
+    out = tmp_path / "report"
+    argv = ["bench", "--suites", "masks,exact", "--methods", "sigmoid,halving,topk_mask", "--out", str(out), *TINY]
+    assert main(argv) == 0
+    with open(out / "results.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == COLUMNS
+        rows = list(reader)
+    by = {(r["suite"], r["method"], int(r["n"])): r for r in rows}
+    # the chosen methods plus each suite's references, at both sizes; nothing else
+    assert {m for _, m, _ in by} == {"sigmoid", "halving", "torch-topk", "softmax", "topk_mask", "torch-topk-mask", "torch-topk-keep"}
+    assert all(r["status"] == "ok" and float(r["fwd_ms"]) > 0 for r in rows)
+    assert all((r["batch"], r["k"], r["dtype"], r["device"]) == ("2", "2", "float32", "cpu") for r in rows)
+    assert all(r["torch"] == torch.__version__ for r in rows)
+    sigmoid = by["masks", "sigmoid", 16]
+    assert float(sigmoid["sum_err"]) < 1e-4  # sums to k
+    assert 0 < float(sigmoid["mask_l1"]) < 1  # relaxed: neither exact nor disjoint
+    assert float(sigmoid["grad_cos"]) > 0.999  # closed-form backward vs finite differences
+    assert float(sigmoid["fwd_bwd_ms"]) > 0
+    assert float(by["exact", "topk_mask", 32]["mask_l1"]) == 0  # same mask as torch.topk + scatter
+    assert by["exact", "topk_mask", 32]["fwd_bwd_ms"] == ""  # a bool mask has no backward
+    report = (out / "report.md").read_text()
+    again = write_report(read_csv(out / "results.csv"), {s: SUITES[s] for s in ("masks", "exact")}, tmp_path, [], [])
+    assert again.read_text().split("## Which method when")[1].split("## `")[0] in report  # the CSV round-trips
+    assert "## Which method when" in report and "| batch | n | k | dtype | `sigmoid` | `halving`" in report
+    assert "takes" in report and "the time of `softmax`" in report
+    if importlib.util.find_spec("matplotlib"):
+        assert {"time_masks.png", "quality_masks.png", "time_exact.png"} <= {p.name for p in out.glob("*.png")}
+        assert "![time_masks.png](time_masks.png)" in report
+
+
+def test_ctrl_c_keeps_results(tmp_path, monkeypatch):
+    calls = []
+    measure = runner._measure
+
+    def interrupt_second(task, history):
+        calls.append(task)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return measure(task, history)
+
+    monkeypatch.setattr(runner, "_measure", interrupt_second)
+    out = tmp_path / "r"
+    assert main(["bench", "--suites", "exact", "--out", str(out), *TINY]) == 130
+    with open(out / "results.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 1
+    assert "interrupted (Ctrl-C): partial results" in (out / "report.md").read_text()
+
+
+def _task(measure, cell, memory=None, budget=1.0):
+    suite = Suite("t", (), (), dict, measure, ("mask_l1", False))
+    settings = Settings(torch.device("cpu"), torch.float32, budget_s=budget)
+    return runner.Task("t", suite, cell, settings, "m", Method(lambda x, k: x, memory=memory))
+
+
+def test_budgets_and_failures_become_rows():
+    history = {}
+    slow = lambda *a: (_ for _ in ()).throw(TooSlow(3.0))  # noqa: E731
+    assert runner._measure(_task(slow, Cell(1, 10, 1)), history)["status"] == "too slow: 3.0 s per call > 1 s budget"
+    assert runner._measure(_task(slow, Cell(1, 20, 1)), history)["status"] == "skipped: too slow at n = 10"
+    huge = _task(lambda *a: {}, Cell(1, 10, 1), memory=lambda b, n, k: 2**40)
+    assert runner._measure(huge, {})["status"].startswith("skipped: needs ~1.02e+03 GiB")
+    boom = lambda *a: (_ for _ in ()).throw(RuntimeError("boom\nmore"))  # noqa: E731
+    assert runner._measure(_task(boom, Cell(1, 10, 1)), {})["status"] == "error: RuntimeError: boom"
+    history = {}
+    fast = lambda *a: {"fwd_ms": 600.0}  # noqa: E731  0.6 s at n = 10: n = 20 predicts 1.2 s > 1 s
+    assert runner._measure(_task(fast, Cell(1, 10, 1)), history)["status"] == "ok"
+    assert runner._measure(_task(fast, Cell(1, 20, 1)), history)["status"].startswith("skipped: ~1.2 s per call predicted")
+
+
+def test_suites_have_valid_default_cells():
+    for suite in SUITES.values():
+        for cell in suite.cells + suite.full:
+            assert 0 < cell.k < cell.n and cell.batch > 0

@@ -1,0 +1,238 @@
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+import khot
+from khot import sample_khot
+
+ALPHA = 1e-6  # family-wise false-alarm rate of each statistical test
+
+
+def hoeffding(draws: int, comparisons: int) -> float:
+    """Half-width of a (1 - ALPHA / comparisons) interval for a Bernoulli frequency (Hoeffding)."""
+    return math.sqrt(math.log(2 * comparisons / ALPHA) / (2 * draws))
+
+
+def ref_sigmoid_topk(x: torch.Tensor, k, tau=1.0) -> torch.Tensor:
+    """Float64 sigmoid top-k along the last dim: bisection on the shift, then one Newton step
+    with autograd, which makes the derivative the implicit one (the residual is zero)."""
+    z = x.double() / tau
+    lo = torch.full(z.shape[:-1] + (1,), -80.0, dtype=torch.float64)
+    hi = -lo
+    with torch.no_grad():
+        for _ in range(200):
+            mid = (lo + hi) / 2
+            big = torch.sigmoid(z + mid).sum(-1, keepdim=True) > k
+            lo, hi = torch.where(big, lo, mid), torch.where(big, mid, hi)
+    p = torch.sigmoid(z + (lo + hi) / 2)
+    c = (lo + hi) / 2 - (p.sum(-1, keepdim=True) - k) / (p * (1 - p)).sum(-1, keepdim=True)
+    return torch.sigmoid(z + c)
+
+
+def systematic_probabilities(pi: torch.Tensor, k: int) -> dict[tuple[int, ...], torch.Tensor]:
+    """P(S) of systematic sampling in a uniformly random order, by enumerating every order and
+    every interval of the uniform start; differentiable in ``pi``."""
+    n = pi.shape[0]
+    orders = list(itertools.permutations(range(n)))
+    probs: dict[tuple[int, ...], torch.Tensor] = {}
+    for order in orders:
+        ends = torch.cat([pi.new_zeros(1), pi[list(order)].cumsum(0)])
+        cuts = torch.cat([pi.new_zeros(1), ends % 1, pi.new_ones(1)]).sort().values
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            hits = torch.floor(ends - (a + b).detach() / 2)
+            s = tuple(sorted(order[i] for i in range(n) if hits[i + 1] > hits[i]))
+            probs[s] = probs.get(s, 0) + (b - a) / len(orders)
+    return {s: p for s, p in probs.items() if len(s) == k}  # others: rounding slivers of length ~1e-16
+
+
+def estimator_by_subset(x, k, f, gradient, draws=20_000) -> dict[tuple[int, ...], torch.Tensor]:
+    """The (deterministic given the sample) gradient of f(sample_khot(x)) for every subset drawn."""
+    g, out = torch.Generator().manual_seed(1), {}
+    for _ in range(draws):
+        xx = x.detach().clone().requires_grad_()
+        sample = sample_khot(xx, k, gradient=gradient, generator=g)
+        s = tuple(sample.detach().nonzero().flatten().tolist())
+        if s not in out:
+            f(sample).backward()
+            out[s] = xx.grad
+        if len(out) == math.comb(x.shape[0], k):
+            break
+    return out
+
+
+@pytest.mark.parametrize("design", khot.sampling.DESIGNS)
+@pytest.mark.parametrize("dim", [0, -1])
+def test_straight_through_gradient_is_the_gradient_of_pi(design, dim):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 9, generator=gen).requires_grad_()
+    k = torch.tensor(3.0, requires_grad=True)
+    tau = torch.tensor(0.7, requires_grad=True)
+    upstream = torch.randn(6, 9, generator=gen)
+    sample = sample_khot(x, k, dim, temperature=tau, design=design, generator=gen)
+    got = torch.autograd.grad((sample * upstream).sum(), (x, k, tau))
+    pi = ref_sigmoid_topk(x.movedim(dim, -1), k, tau).movedim(-1, dim)
+    want = torch.autograd.grad((pi * upstream).sum(), (x, k, tau))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b.float(), atol=2e-5, rtol=1e-4)
+
+
+def test_straight_through_is_exact_for_a_linear_loss():
+    # E[f(S)] = f(pi) for an exact design: straight-through gives the exact gradient of the
+    # expectation, here computed by enumerating every subset's probability under systematic sampling
+    x = torch.tensor([0.3, -1.2, 1.5, 0.0, -0.4], dtype=torch.float64, requires_grad=True)
+    a = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0], dtype=torch.float64)
+    probs = systematic_probabilities(ref_sigmoid_topk(x, 2, 0.8), 2)
+    expectation = sum(p * a[list(s)].sum() for s, p in probs.items())
+    exact = torch.autograd.grad(expectation, x)[0]
+    xx = x.detach().requires_grad_()
+    (sample_khot(xx, 2, temperature=0.8) @ a).backward()
+    torch.testing.assert_close(xx.grad, exact, atol=1e-9, rtol=1e-7)
+
+
+def test_reinmax_beats_straight_through_on_quadratic_losses():
+    # exact expectations of both estimators (every subset, weighted by its exact probability)
+    # against the exact gradient of E[f(S)], f quadratic; second order helps on average
+    gen = torch.Generator().manual_seed(0)
+    errors = {"straight_through": 0.0, "reinmax": 0.0}
+    for _ in range(4):
+        x = (torch.randn(5, generator=gen, dtype=torch.float64) * 1.5).requires_grad_()
+        m = torch.randn(5, 5, generator=gen, dtype=torch.float64)
+        a = torch.randn(5, generator=gen, dtype=torch.float64)
+        f = lambda s: s @ (m + m.T) @ s / 2 + a @ s  # noqa: E731
+        probs = systematic_probabilities(ref_sigmoid_topk(x, 2), 2)
+        one_hot = lambda s: torch.zeros(5, dtype=torch.float64).index_fill_(0, torch.tensor(s), 1.0)  # noqa: E731
+        exact = torch.autograd.grad(sum(p * f(one_hot(s)) for s, p in probs.items()), x)[0]
+        for gradient in errors:
+            by_subset = estimator_by_subset(x, 2, f, gradient)
+            assert set(by_subset) == set(probs)
+            mean = sum(p.detach() * by_subset[s] for s, p in probs.items())
+            errors[gradient] += (mean - exact).norm().item()
+    assert errors["reinmax"] < errors["straight_through"], errors
+
+
+def test_reinmax_matches_its_definition():
+    # 2 J(pi1)^T g - J(pi)^T g / 2, J the Jacobian of the reference sigmoid top-k, pi1 = (pi + D) / 2
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 7, generator=gen, dtype=torch.float64).requires_grad_()
+    g = torch.randn(4, 7, generator=gen, dtype=torch.float64)
+    tau = 0.6
+    sample = sample_khot(x, 3, temperature=tau, gradient="reinmax", generator=gen)
+    got = torch.autograd.grad((sample * g).sum(), x)[0]
+    st = torch.autograd.grad((sample_khot(x, 3, temperature=tau, generator=gen) * g).sum(), x)[0]
+    pi = ref_sigmoid_topk(x, 3, tau).detach()
+    want = []
+    for row in range(4):
+        jac = lambda q: torch.autograd.functional.jacobian(lambda z: ref_sigmoid_topk(z, 3), q.logit()) / tau  # noqa: E731
+        j1, j0 = jac((pi[row] + sample[row].detach()) / 2), jac(pi[row])
+        want.append(2 * j1.T @ g[row] - j0.T @ g[row] / 2)
+    torch.testing.assert_close(got, torch.stack(want), atol=1e-7, rtol=1e-6)
+    assert torch.isfinite(got).all() and (got - st).abs().max() > 0.05
+
+
+def test_reinmax_finite_when_saturated():
+    x = torch.tensor([[50.0, 40.0, -50.0, float("-inf")], [0.0, 1.0, 2.0, 3.0]], requires_grad=True)
+    sample = sample_khot(x, 2, gradient="reinmax", generator=torch.Generator().manual_seed(0))
+    (sample * torch.arange(4.0)).sum().backward()
+    assert torch.isfinite(x.grad).all() and (x.grad[0] == 0).all()
+
+
+@pytest.mark.parametrize("design", ["systematic", "brewer"])
+@pytest.mark.parametrize("gradient", khot.sampling.GRADIENTS)
+def test_inclusion_frequencies_match_pi(design, gradient):
+    x = torch.tensor([1.5, -0.3, 0.2, -2.0, 0.9, 0.0, -1.1])
+    draws = 40_000
+    sample = sample_khot(x.expand(draws, -1), 3, temperature=0.9, design=design, gradient=gradient,
+                         generator=torch.Generator().manual_seed(5))
+    assert sample.dtype == x.dtype and (sample.sum(-1) == 3).all()
+    pi = ref_sigmoid_topk(x, 3, 0.9)
+    assert ((sample.double().mean(0) - pi).abs() <= hoeffding(draws, 7)).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_exactly_k_ones(dtype):
+    # sigmoid top-k meets sum = k only within its tolerance: the sample must still have k ones
+    gen = torch.Generator().manual_seed(2)
+    k = torch.tensor([1, 7, 40, 150])
+    x = (torch.randn(4, 300, generator=gen) * 3).to(dtype)
+    for design in khot.sampling.DESIGNS:
+        sample = sample_khot(x.repeat(10, 1), k.repeat(10), design=design, generator=gen)
+        assert sample.dtype == dtype and (sample.sum(-1) == k.repeat(10)).all()
+    sizes = sample_khot(x, 2.5, generator=gen).sum(-1)
+    assert ((sizes == 2) | (sizes == 3)).all()
+
+
+@pytest.mark.parametrize("error", [9e-6, -9e-6])
+@pytest.mark.parametrize("design", ["systematic", "pareto"])
+def test_exactly_k_ones_at_the_solver_tolerance(monkeypatch, error, design):
+    # sigmoid top-k promises |sum - k| <= 1e-5 k in float32: a sum off by 0.9e-5 k must still give k
+    # ones (taken as a non-integer sum, it would give k -/+ 1 ones in about 1 row in 700 here)
+    exact = khot.sampling.sigmoid_topk
+    monkeypatch.setattr(khot.sampling, "sigmoid_topk", lambda *a, **kw: (exact(*a, **kw) * (1 + error)).clamp(max=1))
+    x = torch.randn(4000, 300, generator=torch.Generator().manual_seed(0))
+    assert (sample_khot(x, 150, design=design, generator=torch.Generator().manual_seed(1)).sum(-1) == 150).all()
+
+
+def test_gumbel_frequencies_are_gumbel_top_k_not_pi():
+    x = torch.tensor([2.2, 0.4, -0.8, -1.4])
+    draws = 40_000
+    sample = sample_khot(x.expand(draws, -1), 2, method="gumbel", generator=torch.Generator().manual_seed(6))
+    assert (sample.sum(-1) == 2).all()
+    # Gumbel top-2: two draws without replacement proportional to exp(x)
+    w = x.double().exp()
+    want = torch.zeros(4, dtype=torch.float64)
+    for i, j in itertools.permutations(range(4), 2):
+        p = w[i] / w.sum() * w[j] / (w.sum() - w[i])
+        want[i] += p
+        want[j] += p
+    freq = sample.double().mean(0)
+    bound = hoeffding(draws, 4)
+    assert ((freq - want).abs() <= bound).all()
+    assert (freq - ref_sigmoid_topk(x, 2)).abs().max() > 3 * bound  # not the inclusion probabilities pi
+
+
+def test_gumbel_gradient_is_straight_through_and_tensor_temperature():
+    x = torch.randn(3, 6, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    tau = torch.tensor([0.5, 1.0, 2.0])
+    sample = sample_khot(x, 2, temperature=tau, method="gumbel", generator=torch.Generator().manual_seed(1))
+    got = torch.autograd.grad(sample[:, 0].sum(), x)[0]
+    want = torch.autograd.grad(khot.sigmoid_topk(x, 2, temperature=tau)[:, 0].sum(), x)[0]
+    assert torch.equal(got, want)
+    cold = sample_khot(x.detach(), 2, temperature=1e-4, method="gumbel", generator=torch.Generator().manual_seed(1))
+    assert torch.equal(cold, khot.topk_mask(x.detach(), 2).float())  # noise is negligible at low temperature
+
+
+def test_reproducible_and_global_rng_untouched():
+    x = torch.randn(5, 20, generator=torch.Generator().manual_seed(0))
+    state = torch.random.get_rng_state()
+    for method in khot.sampling.METHODS:
+        a, b, c = (sample_khot(x, 4, method=method, generator=torch.Generator().manual_seed(s)) for s in (1, 1, 2))
+        assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_bad_input():
+    x = torch.randn(5)
+    with pytest.raises(ValueError, match=r"k=6 is out of range: expected 0 <= k <= 5"):
+        sample_khot(x, 6)
+    with pytest.raises(ValueError, match=r"k=-1 is out of range"):
+        sample_khot(x, -1)
+    with pytest.raises(ValueError, match=r"design='poisson' is not valid; choose one of 'systematic', 'brewer', 'pareto'"):
+        sample_khot(x, 2, design="poisson")
+    with pytest.raises(ValueError, match=r"gradient='rebar' is not valid; choose one of 'straight_through', 'reinmax'"):
+        sample_khot(x, 2, gradient="rebar")
+    with pytest.raises(ValueError, match=r"method='softmax' is not valid; choose one of 'pips', 'gumbel'"):
+        sample_khot(x, 2, method="softmax")
+    with pytest.raises(ValueError, match="gradient='reinmax' needs method='pips'"):
+        sample_khot(x, 2, method="gumbel", gradient="reinmax")
+    with pytest.raises(TypeError, match="k must be an int or an integer tensor"):
+        sample_khot(x, 2.5, method="gumbel")
+    with pytest.raises(ValueError, match="temperature must be finite and > 0, got 0.0"):
+        sample_khot(x, 2, temperature=0.0)
+    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
+        sample_khot(torch.arange(5), 2)
+    with pytest.raises(ValueError, match="dim=1 is out of range"):
+        sample_khot(x, 2, 1)
