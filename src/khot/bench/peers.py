@@ -19,7 +19,8 @@ peer                           adaptation
 =============================  ===============================================================
 
 All run at their packages' default sharpness (entmax on the raw scores, steepness 10 for the
-sorting networks, regularization strength 1 for torchsort). torchsort is not in the
+sorting networks) except torchsort, whose default strength 1 collapses the ranks of unit-scale
+scores at large n: it runs at strength 1/n. torchsort is not in the
 ``peers`` extra: it builds from source only (``pip install torchsort --no-build-isolation``,
 with ``nvcc`` off ``PATH`` for a CPU build); it is used when installed.
 """
@@ -88,7 +89,10 @@ def _entmax_mask(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _rank_mask(x: torch.Tensor, k: int) -> torch.Tensor:
-    return (load("torchsort").soft_rank(x) - (x.shape[-1] - k)).clamp(0, 1)
+    # Strength 1/n: neighbouring unit-scale scores are ~1/n apart, and the default strength 1
+    # would pull every soft rank to the mean (an empty mask) at large n.
+    n = x.shape[-1]
+    return (load("torchsort").soft_rank(x, regularization_strength=1.0 / n) - (n - k)).clamp(0, 1)
 
 
 _MATRICES = {"difftopk": _topk_matrix, "diffsort": _sort_matrix}
