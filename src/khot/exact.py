@@ -123,6 +123,8 @@ def _ranking_key(values: torch.Tensor, positions: torch.Tensor, largest: bool) -
 
 
 _TIE_EXACT_DTYPES = (torch.float32, *_HALF)
+# Below this k, sorting the k + 1 selected values costs less than settling them unsorted.
+_UNSORTED_FROM = 64
 
 
 def _half_topk(key: torch.Tensor, k: int, dim: int, largest: bool) -> torch.Tensor:
@@ -218,6 +220,9 @@ class _Selection:
             ranks = torch.arange(kmax, device=key.device).view(shape)
             self.take = None if isinstance(k, int) else ranks < k.unsqueeze(dim)
             return
+        if isinstance(k, int) and _UNSORTED_FROM <= k < n and _chunk_length(n, k + 1) == 1:
+            self._unsorted(key, k, dim, largest)
+            return
         values, self.index = _topk_candidates(key, min(kmax + 1, n), dim, largest)
         self.threshold = _kth(values, k, dim)
         settled = _before(self.threshold, _kth(values, k + 1, dim), largest).squeeze(dim) | (k == 0) | (k == n)
@@ -230,6 +235,20 @@ class _Selection:
         self.take = ranks < (k if isinstance(k, int) else k.unsqueeze(dim))
         if self.dirty is not None:
             self.take = self.take & (_before(values, self.threshold, largest) | ~self.dirty.unsqueeze(dim))
+            self.missing = torch.where(self.dirty, k - self.take.sum(dim), 0)
+
+    def _unsorted(self, key: torch.Tensor, k: int, dim: int, largest: bool):
+        """Short slices: an unsorted top-(k+1), about twice as cheap as a sorted one; its
+        worst two values are the k-th and the (k+1)-th, which settle the slice or not."""
+        values, self.index = torch.topk(key, k + 1, dim, largest=largest, sorted=False)
+        last_two = torch.topk(values, 2, dim, largest=not largest, sorted=True).values
+        following, self.threshold = last_two.narrow(dim, 0, 1), last_two.narrow(dim, 1, 1)
+        settled = _before(self.threshold, following, largest)
+        # a settled slice takes all candidates but the (k+1)-th, a dirty one those before its threshold
+        self.take = _before(values, torch.where(settled, following, self.threshold), largest)
+        settled = settled.squeeze(dim)
+        self.dirty = None if bool(settled.all()) else ~settled
+        if self.dirty is not None:
             self.missing = torch.where(self.dirty, k - self.take.sum(dim), 0)
 
     def scatter(self, out: torch.Tensor, dim: int, src) -> torch.Tensor:
