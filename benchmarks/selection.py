@@ -1,6 +1,6 @@
 """Relaxed top-k selection: speed against the published algorithm, and quality vs time.
 
-    python benchmarks/selection.py [--full]
+    python benchmarks/selection.py [--full | --quick]
 
 1. Successive halving, batch 16, n = 16384, k = 2048, d = 32: ``halving_select``
    against the published algorithm (n / k a power of two) run two ways: as the
@@ -11,23 +11,21 @@
    against the exact top-k rows and the median time of each method at its default
    temperature, plus halving at the paper's base 20.  Default: a subsample of the
    grid (k <= 512, counting for n <= 1024); ``--full``: all of n = 2^4..2^14,
-   k = 2^1..2^11, k < n (counting for n <= 4096).
+   k = 2^1..2^11, k < n (counting for n <= 4096).  ``--quick``: section 1 only.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 
 import torch
-from torch.utils.benchmark import Timer
 
+from khot.bench.measure import median_ms
+from khot.bench.suites import BASE_20, problem
 from khot.metrics import nccs
 from khot.relaxed.counting import counting_select
 from khot.relaxed.halving import DEFAULT_TEMPERATURE, halving_select
 from khot.relaxed.iterative import iterative_select
-
-BASE_20 = 1 / math.log(20)
 
 
 def published_halving(x: torch.Tensor, s: torch.Tensor, k: int, temperature: float, per_pair: bool = False):
@@ -50,30 +48,19 @@ def published_halving(x: torch.Tensor, s: torch.Tensor, k: int, temperature: flo
     return torch.stack(out)
 
 
-def median(fn, *args) -> float:
-    return Timer("fn(*args)", globals={"fn": fn, "args": args}).blocked_autorange(min_run_time=0.2).median
-
-
-def problem(n: int, k: int, batch: int = 16, d: int = 32, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    s = torch.rand(batch, n, generator=g)
-    x = torch.rand(batch, n, d, generator=g) * 2 - 1
-    top = s.topk(k, dim=-1).indices
-    return x, s, x.gather(1, top[..., None].expand(-1, -1, d))
-
-
 def speed() -> None:
     n, k = 16384, 2048
     x, s, _ = problem(n, k)
     t = DEFAULT_TEMPERATURE
     torch.testing.assert_close(halving_select(x, s, k, temperature=t), published_halving(x, s, k, t))
-    ours, rounds = median(halving_select, x, s, k), median(published_halving, x, s, k, t)
+    ours = median_ms(lambda: halving_select(x, s, k), 0.2)
+    rounds = median_ms(lambda: published_halving(x, s, k, t), 0.2)
     torch.testing.assert_close(halving_select(x[:2], s[:2], k, temperature=t), published_halving(x[:2], s[:2], k, t, True))
-    pairs = Timer("f(x, s, k, t, True)", globals={"f": published_halving, "x": x, "s": s, "k": k, "t": t}).timeit(1).median
+    pairs = median_ms(lambda: published_halving(x, s, k, t, True), 0)
     print(f"successive halving, batch 16, n={n}, k={k}, d=32, temperature={t} (outputs equal)")
-    print(f"  halving_select                         {ours * 1e3:10.2f} ms")
-    print(f"  published, per example and round       {rounds * 1e3:10.2f} ms   x{rounds / ours:.1f}")
-    print(f"  published, per example and pair        {pairs * 1e3:10.2f} ms   x{pairs / ours:.1f}\n")
+    print(f"  halving_select                         {ours:10.2f} ms")
+    print(f"  published, per example and round       {rounds:10.2f} ms   x{rounds / ours:.1f}")
+    print(f"  published, per example and pair        {pairs:10.2f} ms   x{pairs / ours:.1f}\n")
 
 
 def quality(full: bool) -> None:
@@ -97,18 +84,21 @@ def quality(full: bool) -> None:
                     cells.append(f"{'-':>10} {'-':>11}")
                     continue
                 score = nccs(fn(x, s, k), target).mean().item()
-                cells.append(f"{score:10.4f} {median(fn, x, s, k) * 1e3:11.2f}")
+                cells.append(f"{score:10.4f} {median_ms(lambda: fn(x, s, k), 0.2):11.2f}")
             print(f"{n:>6} {k:>5} " + " ".join(cells), flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--full", action="store_true", help="the whole grid of the paper")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--full", action="store_true", help="the whole grid of the paper")
+    group.add_argument("--quick", action="store_true", help="the speed comparison only")
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     speed()
-    quality(args.full)
+    if not args.quick:
+        quality(args.full)
 
 
 if __name__ == "__main__":

@@ -8,14 +8,9 @@ number of full-size solver evaluations. Medians of ``torch.utils.benchmark.Timer
 from __future__ import annotations
 
 import torch
-from torch.utils.benchmark import Timer
 
+from khot.bench.measure import median_ms
 from khot.relaxed.sigmoid import _solve, sigmoid_topk
-
-
-def median_ms(stmt: str, **env) -> float:
-    timer = Timer(stmt, globals={"torch": torch, "sigmoid_topk": sigmoid_topk, **env})
-    return timer.blocked_autorange(min_run_time=1.0).median * 1e3
 
 
 def evaluations(x: torch.Tensor, k: float) -> int:
@@ -31,13 +26,13 @@ def main() -> None:
 
     x = torch.randn(4, 10**6, requires_grad=True)
     g = torch.randn_like(x)
-    soft = median_ms("torch.softmax(x, -1).backward(g)", x=x, g=g)
+    soft = median_ms(lambda: torch.softmax(x, -1).backward(g), 1.0)
     print(f"{'(4, 10^6), fwd+bwd':<26}{'ms':>9}{'vs softmax':>12}{'evals':>7}")
     print(f"{'softmax':<26}{soft:9.2f}{1.0:12.2f}{'':>7}")
     for k in (10, 10**5, 5 * 10**5, 10**6 - 10):
-        t = median_ms("sigmoid_topk(x, k).backward(g)", x=x, g=g, k=k)
+        t = median_ms(lambda: sigmoid_topk(x, k).backward(g), 1.0)
         print(f"{f'sigmoid_topk k={k}':<26}{t:9.2f}{t / soft:12.2f}{evaluations(x.detach(), k):7d}")
-    fwd = median_ms("sigmoid_topk(x, k)", x=x.detach(), k=10**5)
+    fwd = median_ms(lambda: sigmoid_topk(x.detach(), 10**5), 1.0)
     print(f"{'  forward only, k=10^5':<26}{fwd:9.2f}{fwd / soft:12.2f}")
 
     print(f"\n{'n (batch 4, k = n/10)':<24}{'fwd+bwd ms':>12}{'ns/element':>12}{'softmax ns/el':>15}{'evals':>7}")
@@ -45,8 +40,8 @@ def main() -> None:
         n = 10**e
         x = torch.randn(4, n, requires_grad=True)
         g = torch.randn_like(x)
-        t = median_ms("sigmoid_topk(x, k).backward(g)", x=x, g=g, k=n / 10)
-        s = median_ms("torch.softmax(x, -1).backward(g)", x=x, g=g)
+        t = median_ms(lambda: sigmoid_topk(x, n / 10).backward(g), 1.0)
+        s = median_ms(lambda: torch.softmax(x, -1).backward(g), 1.0)
         per = 1e6 / (4 * n)
         print(f"{f'10^{e}':<24}{t:12.3f}{t * per:12.3f}{s * per:15.3f}{evaluations(x.detach(), n / 10):7d}")
 

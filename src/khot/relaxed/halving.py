@@ -33,6 +33,7 @@ relaxations of :mod:`khot.relaxed`.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from khot.relaxed._common import _check_mask_args, _check_select_args, _rowwise, _select_rows
@@ -43,33 +44,38 @@ __all__ = ["DEFAULT_TEMPERATURE", "halving_topk", "halving_select"]
 #: advise a base of at least 200).  A pair whose scores differ by 0.15 splits 0.95/0.05.
 DEFAULT_TEMPERATURE = 0.05
 
+
 def _tournament(s: Tensor, k: int, temperature: float) -> tuple[Tensor, Tensor]:
     """Play the tournament on ``s (N, n)``.
 
-    Returns ``slot`` (int64, the output slot in ``[0, k)`` of every input) and
-    ``weight`` (its weight in that slot).
+    Returns ``members`` (int64) and ``weights``, both ``(N, k, g)``: row ``j`` lists the
+    inputs that ended in output slot ``j`` and their weights there.  Slots with fewer than
+    ``g`` inputs (only when ``n / k`` is not a power of two) are padded with index ``-1``
+    and weight 0.
     """
     N, n = s.shape
-    pos = torch.arange(n, device=s.device).expand(N, n)  # current position of every input
-    weight = torch.ones_like(s)
+    members = torch.arange(n, device=s.device).expand(N, n).unsqueeze(-1)
+    weights = torch.ones_like(s).unsqueeze(-1)
     m = n
     while m > k:
         p = m - max(k, (m + 1) // 2)  # merges this round
         q = m - 2 * p  # best candidates passing through
-        order = s.detach().argsort(dim=-1, descending=True, stable=True)
-        top, hi, lo = order[:, :q], order[:, q : q + p], order[:, q + p :].flip(-1)
-        s_hi, s_lo = s.gather(1, hi), s.gather(1, lo)
+        s, order = s.sort(dim=-1, descending=True, stable=True)
+        s_hi, s_lo = s[:, q : q + p], s[:, q + p :].flip(-1)
         w_hi = torch.sigmoid((s_hi - s_lo) / temperature)
         w_lo = 1 - w_hi
-        # rank r < q + p keeps position r; the partner of rank q + i (rank m - 1 - i) joins it
-        rank = torch.empty_like(order).scatter_(1, order, torch.arange(m, device=s.device).expand(N, m))
-        r = rank.gather(1, pos)
-        factor = torch.cat([torch.ones_like(s[:, :q]), w_hi, w_lo.flip(-1)], dim=1)
-        weight = weight * factor.gather(1, r)
-        pos = torch.minimum(r, m - 1 + q - r)
-        s = torch.cat([s.gather(1, top), w_hi * s_hi + w_lo * s_lo], dim=1)
+        g = members.shape[-1]
+        members, weights = (t.gather(1, order.unsqueeze(-1).expand(-1, -1, g)) for t in (members, weights))
+        # merged candidate i holds the members of ranks q + i and m - 1 - i
+        hi, lo = weights[:, q : q + p] * w_hi.unsqueeze(-1), weights[:, q + p :].flip(1) * w_lo.unsqueeze(-1)
+        merged = torch.cat([members[:, q : q + p], members[:, q + p :].flip(1)], -1), torch.cat([hi, lo], -1)
+        if q:
+            top = (F.pad(members[:, :q], (0, g), value=-1), F.pad(weights[:, :q], (0, g)))
+            merged = tuple(torch.cat(pair, 1) for pair in zip(top, merged))
+        members, weights = merged
+        s = torch.cat([s[:, :q], w_hi * s_hi + w_lo * s_lo], dim=1)
         m -= p
-    return pos, weight
+    return members, weights
 
 
 def halving_topk(scores: Tensor, k: int, dim: int = -1, *, temperature: float = DEFAULT_TEMPERATURE) -> Tensor:
@@ -92,7 +98,14 @@ def halving_topk(scores: Tensor, k: int, dim: int = -1, *, temperature: float = 
     2.0
     """
     dim, k, temperature = _check_mask_args(scores, k, dim, temperature)
-    return _rowwise(lambda s: _tournament(s, k, temperature)[1], scores, dim)
+
+    def mask(s: Tensor) -> Tensor:
+        members, weights = _tournament(s, k, temperature)
+        # the padding (index -1) lands in an extra column, dropped
+        out = s.new_zeros(s.shape[0], s.shape[1] + 1)
+        return out.scatter(1, members.flatten(1) % out.shape[1], weights.flatten(1))[:, :-1]
+
+    return _rowwise(mask, scores, dim)
 
 
 def halving_select(x: Tensor, scores: Tensor, k: int, *, temperature: float = DEFAULT_TEMPERATURE) -> Tensor:
@@ -107,9 +120,10 @@ def halving_select(x: Tensor, scores: Tensor, k: int, *, temperature: float = DE
     Returns:
         ``(..., k, d)``: the tournament's ``k`` survivors, each a convex combination
         of input rows, in descending score order in the sharp limit (for ``k == n``
-        the input rows unchanged).  Differentiable w.r.t. ``x`` and ``scores``.  On
-        CUDA the final combination uses ``scatter_add`` (atomics: sums may differ in
-        the last bits between runs).
+        the input rows unchanged).  Differentiable w.r.t. ``x`` and ``scores``.  The
+        rows are combined by ``embedding_bag`` (one weighted read of each input row);
+        on CUDA its backward uses atomics (gradients may differ in the last bits
+        between runs).
 
     >>> x = torch.eye(4)
     >>> s = torch.tensor([0.1, 0.9, 0.5, 0.3])
@@ -120,8 +134,16 @@ def halving_select(x: Tensor, scores: Tensor, k: int, *, temperature: float = DE
     k, temperature = _check_select_args(x, scores, k, temperature)
 
     def select(x: Tensor, s: Tensor) -> Tensor:
-        slot, weight = _tournament(s, k, temperature)
-        out = x.new_zeros(x.shape[0], k, x.shape[-1])
-        return out.scatter_add(1, slot.unsqueeze(-1).expand_as(x), weight.unsqueeze(-1) * x)
+        members, weights = _tournament(s, k, temperature)
+        N, n, d = x.shape
+        rows = members + n * torch.arange(N, device=x.device).view(N, 1, 1)
+        if members.numel() == N * n:  # no padding: bags of equal size
+            rows, weights, offsets = rows.flatten(0, 1), weights.flatten(0, 1), None
+        else:
+            keep = members >= 0
+            counts = keep.sum(-1).flatten()
+            rows, weights, offsets = rows[keep], weights[keep], counts.cumsum(0) - counts
+        # one weighted read of each input row, no temporary of the size of x
+        return F.embedding_bag(rows, x.reshape(N * n, d), offsets, mode="sum", per_sample_weights=weights).view(N, k, d)
 
     return _select_rows(select, x, scores, k)
