@@ -30,9 +30,9 @@ __all__ = ["topk_mask", "keep_topk", "select_topk"]
 
 _HALF = (torch.float16, torch.bfloat16)
 
-# Flagged slices are repaired in blocks of at most this many elements, so that the
-# repair never needs more scratch memory than a small fraction of a large input.
-_REPAIR_BLOCK = 1 << 22
+# Work on large inputs goes in blocks of about this many elements, so that scratch
+# memory stays a small fraction of the input and in cache.
+_BLOCK = 1 << 22
 
 
 def _chunk_length(n: int, k: int) -> int:
@@ -85,12 +85,21 @@ def _ordered(values: torch.Tensor) -> torch.Tensor:
     return ordered.masked_fill_(values.isnan(), torch.iinfo(ordered.dtype).max)
 
 
-def _rowblocks(key: torch.Tensor, dim: int):
-    """``key`` with ``dim`` last, cut along its leading dimension into blocks of about
-    ``_REPAIR_BLOCK`` elements (so that per-block scratch tensors stay small)."""
-    rows = key.movedim(dim, -1)
-    step = max(1, _REPAIR_BLOCK // max(rows[0].numel(), 1))
-    return [rows[start : start + step] for start in range(0, rows.shape[0], step)]
+def _in_blocks(fn, key: torch.Tensor, dim: int):
+    """``fn(block)`` over blocks of about ``_BLOCK`` elements cut along a batch dimension
+    (never ``dim``, and without moving data), concatenated; ``None`` if any block gives ``None``.
+
+    Blocks keep every scratch tensor small and in cache.
+    """
+    batch = 1 if dim == 0 else 0
+    step = max(1, _BLOCK * key.shape[batch] // max(key.numel(), 1))
+    parts = []
+    for start in range(0, key.shape[batch], step):
+        part = fn(key.narrow(batch, start, min(step, key.shape[batch] - start)))
+        if part is None:
+            return None
+        parts.append(part)
+    return torch.cat(parts, batch)
 
 
 def _topk_candidates(key: torch.Tensor, k: int, dim: int, largest: bool):
@@ -128,16 +137,17 @@ _UNSORTED_FROM = 64
 
 
 def _half_topk(key: torch.Tensor, k: int, dim: int, largest: bool) -> torch.Tensor:
-    """Exact top-k indices (tie rule included) of half-precision rows of at most 2**16:
+    """Exact top-k indices (tie rule included) of half-precision slices of at most 2**16:
     16 bits of order key and 16 bits of position make one tie-free int32 ranking key."""
     n = key.shape[dim]
-    positions = torch.arange(n, dtype=torch.int32, device=key.device)
+    positions = torch.arange(n, dtype=torch.int32, device=key.device).view((n,) + (1,) * (key.dim() - dim - 1))
     tiebreak = (n - 1 - positions) if largest else positions
-    index = []
-    for block in _rowblocks(key, dim):
+
+    def block_topk(block):
         ranking = (_ordered(block).int() << 16) | tiebreak
-        index.append(torch.topk(ranking, k, -1, largest=largest, sorted=True).indices)
-    return torch.cat(index).movedim(-1, dim)
+        return torch.topk(ranking, k, dim, largest=largest, sorted=True).indices
+
+    return _in_blocks(block_topk, key, dim)
 
 
 def _complete_topk(key: torch.Tensor, k: int, dim: int, largest: bool) -> torch.Tensor | None:
@@ -154,6 +164,11 @@ def _complete_topk(key: torch.Tensor, k: int, dim: int, largest: bool) -> torch.
         return None
     if m == 1:
         return _half_topk(key, k, dim, largest) if key.dtype in _HALF and n <= 1 << 16 else None
+    return _in_blocks(lambda block: _complete_block(block, k, m, dim, largest), key, dim)
+
+
+def _complete_block(key: torch.Tensor, k: int, m: int, dim: int, largest: bool) -> torch.Tensor | None:
+    n = key.shape[dim]
     leaders = _chunk_leaders(key, m, dim, largest)
     if bool(leaders.isnan().any()):  # a leader is NaN exactly when its chunk holds a NaN
         return None
@@ -269,7 +284,7 @@ def _repair(out, key, x, sel: _Selection, dim: int, keep_values: bool):
     """
     key_m, t_m, out_m, x_m = (a.movedim(dim, -1) for a in (key, sel.threshold, out, x))
     nan = bool(t_m.isnan().any())
-    block = max(1, _REPAIR_BLOCK // max(key_m[0].numel(), 1))
+    block = max(1, _BLOCK // max(key_m[0].numel(), 1))
     for start in range(0, key_m.shape[0], block):
         missing = sel.missing[start : start + block]
         if not bool(missing.any()):
