@@ -193,6 +193,15 @@ def test_token_pruning_fuses_pruned_tokens():
     assert free.shape == (2, 4, 4) and free_idx.shape == (2, 4)
 
 
+def test_rate_rounds_up_without_float_error_and_int_magnitude_does_not_overflow():
+    x = torch.randn(1, 101, 4)
+    assert khot.nn.TokenPruning(0.07)(x, scores=torch.rand(1, 100))[0].shape[1] == 1 + 7
+    assert khot.nn.TokenPruning(0.071)(x, scores=torch.rand(1, 100))[0].shape[1] == 1 + 8
+    small = torch.tensor([[-128, 5, 3, -1]], dtype=torch.int8)
+    assert khot.topk_mask(small, 1, magnitude=True).tolist() == [[True, False, False, False]]
+    assert khot.keep_topk(small, 2, magnitude=True).tolist() == [[-128, 5, 0, 0]]
+
+
 def test_modules_repr():
     assert repr(khot.nn.TopK(3, 1, magnitude=True)) == "TopK(k=3, dim=1, magnitude=True)"
     assert "keep=0.5" in repr(khot.nn.TokenPruning(0.5))
@@ -215,6 +224,8 @@ def test_modules_repr():
         (lambda: khot.select_topk(torch.ones(3, 4), torch.ones(4), 1), ValueError, r"scores must have shape"),
         (lambda: khot.select_topk(torch.ones(4), torch.ones(4), 1), ValueError, r"x must have shape \(\.\.\., n, d\)"),
         (lambda: khot.select_topk(torch.ones(4, 2), torch.ones(4), 5), ValueError, r"k=5 is out of range"),
+        (lambda: khot.select_topk(torch.ones(2, 4, 2), torch.ones(2, 4), -1), ValueError, r"k=-1 is out of range"),
+        (lambda: khot.select_topk(torch.ones(4, 2), torch.ones(4), torch.tensor(1)), TypeError, r"k must be an int"),
         (lambda: khot.nn.TokenPruning(1.5), ValueError, r"keep must lie in \(0, 1\]"),
         (lambda: khot.nn.TokenPruning(-2), ValueError, r"keep must be >= 0"),
         (lambda: khot.nn.TokenPruning(3)(torch.ones(1, 3, 2), scores=torch.ones(1, 2)), ValueError, r"keep=3 is more than"),

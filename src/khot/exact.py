@@ -313,13 +313,20 @@ def _prepare(x, k, dim, name="x"):
     return x, k, dim
 
 
+def _magnitude(x: torch.Tensor) -> torch.Tensor:
+    """``|x|``; narrow signed integers are widened first, since ``abs`` of their minimum overflows."""
+    if x.dtype in (torch.int8, torch.int16, torch.int32):
+        x = x.long()
+    return x.abs()
+
+
 def _mask(x, k, dim: int, largest: bool, magnitude: bool, keep_values: bool):
     """The exact k-hot mask of ``x`` (``keep_values=False``) or ``x`` zeroed outside it."""
     n = x.shape[dim]
     zero = torch.zeros((), dtype=x.dtype, device=x.device)
     if x.numel() == 0 or (isinstance(k, int) and k == n):
         return x.clone() if keep_values else torch.ones(x.shape, dtype=torch.bool, device=x.device)
-    key = x.abs() if magnitude else x
+    key = _magnitude(x) if magnitude else x
     if torch.compiler.is_compiling():  # one branch-free pass: no data-dependent shapes
         values = torch.topk(key, max(k, 1) if isinstance(k, int) else n, dim, largest).values
         kk = k if isinstance(k, int) else k.unsqueeze(dim)
@@ -411,8 +418,9 @@ def select_topk(x: torch.Tensor, scores: torch.Tensor, k: int, *, sorted: bool =
     """
     check_tensor("x", x)
     check_rows(x, scores)
-    if not isinstance(k, int) or isinstance(k, bool):
-        raise TypeError(f"k must be an int for select_topk, got {type(k).__name__}")
+    if isinstance(k, torch.Tensor):
+        raise TypeError(f"k must be an int for select_topk (every slice keeps k rows), got a tensor of shape {tuple(k.shape)}")
+    k = check_count(k, scores.shape[-1], scores.shape[:-1], scores.device)
     indices = _topk_indices(scores, k)
     if sorted:
         order = scores.gather(-1, indices).sort(dim=-1, descending=True, stable=True).indices

@@ -72,7 +72,8 @@ class TokenPruning(nn.Module):
                 raise ValueError(f"attn must have shape (B, H, N, N) = ({b}, H, {n}, {n}), got {tuple(attn.shape)}")
             scores = attn[:, :, 0, first:].mean(1)
         candidates = x[:, first:]
-        keep = self.keep if isinstance(self.keep, numbers.Integral) else math.ceil(self.keep * candidates.shape[1])
+        count = candidates.shape[1]  # a rate rounds up, ignoring float error in rate * count (0.07 * 100 = 7.000000000000001)
+        keep = self.keep if isinstance(self.keep, numbers.Integral) else math.ceil(round(self.keep * count, 9))
         if keep > candidates.shape[1]:
             raise ValueError(f"keep={self.keep} is more than the {candidates.shape[1]} tokens that compete")
         tokens, indices = select_topk(candidates, scores, int(keep))
