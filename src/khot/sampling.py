@@ -256,9 +256,10 @@ def _tangent(q: Tensor, x: Tensor, k: float | Tensor, dim: int, temperature: flo
     q = q.movedim(dim, -1)
     w = q * (1 - q)
     s = w.sum(-1, keepdim=True)
-    z = torch.where(w > 0, x.movedim(dim, -1) / tau, 0)  # w = 0 where x = ±inf
+    z = torch.where(w > 0, x.movedim(dim, -1), 0) / tau  # w = 0 where x = ±inf: mask before dividing
     c = (k - (w * z).sum(-1, keepdim=True)) / torch.where(s > 0, s, 1)
     return (w * (z + c)).movedim(-1, dim)
+
 
 def _size(s: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     """Sample size per slice (float64, integral) and whether the sum ``s`` counts as integer."""

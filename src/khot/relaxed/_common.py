@@ -39,7 +39,7 @@ def _check_mask_args(scores, k, dim, temperature, *, per_row: bool = False):
     dim = normalize_dim(dim, scores.dim())
     batch_shape = scores.shape[:dim] + scores.shape[dim + 1 :]
     k = _check_k(k, scores.shape[dim], batch_shape, scores.device, per_row=per_row)
-    return dim, k, check_positive("temperature", temperature)
+    return dim, k, _scalar_temperature(temperature)
 
 
 def _check_select_args(x, scores, k, temperature) -> tuple[int, float]:
@@ -47,7 +47,16 @@ def _check_select_args(x, scores, k, temperature) -> tuple[int, float]:
     check_tensor("x", x, floating=True)
     check_rows(x, scores)
     k = _check_k(k, x.shape[-2], x.shape[:-2], x.device)
-    return k, check_positive("temperature", temperature)
+    return k, _scalar_temperature(temperature)
+
+
+def _scalar_temperature(temperature) -> float:
+    """These methods take one temperature for all slices: a positive float (or a one-element tensor)."""
+    if isinstance(temperature, Tensor) and temperature.numel() != 1:
+        raise TypeError(
+            f"temperature must be a float for this method (one for all slices), got a tensor of shape {tuple(temperature.shape)}"
+        )
+    return check_positive("temperature", float(temperature) if isinstance(temperature, Tensor) else temperature)
 
 
 def _rowwise(fn: Callable[[Tensor], Tensor], scores: Tensor, dim: int) -> Tensor:
@@ -61,6 +70,8 @@ def _select_rows(fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, scores: Tens
     """Apply ``fn(x (N, n, d), scores (N, n)) -> (N, k, d)`` to flattened batches."""
     dtype = _compute_dtype(x, scores)
     n, d = x.shape[-2:]
+    if d == 0:  # rows of width 0: nothing to combine
+        return x.new_zeros(*x.shape[:-2], k, 0)
     out = fn(x.reshape(-1, n, d).to(dtype), scores.reshape(-1, n).to(dtype))
     return out.reshape(*x.shape[:-2], k, d).to(x.dtype)
 

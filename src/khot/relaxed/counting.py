@@ -48,7 +48,9 @@ RANK_TEMPERATURE = 0.05
 
 def _rank_block(s: Tensor, rows: Tensor, temperature: float) -> Tensor:
     # the j = i term is sigmoid(0) = 1/2, so this is 1 + sum over j != i
-    return torch.sigmoid((s.unsqueeze(1) - rows.unsqueeze(2)) / temperature).sum(dim=-1) + 0.5
+    a, b = s.unsqueeze(1), rows.unsqueeze(2)
+    diff = torch.where(a == b, 0, a - b)  # inf - inf would be NaN: equal scores compare as 0
+    return torch.sigmoid(diff / temperature).sum(dim=-1) + 0.5
 
 
 def _soft_rank(s: Tensor, temperature: float) -> Tensor:

@@ -25,9 +25,6 @@ the scores go through the rounds (``O(n)`` per round); the rows are combined onc
 at the end.  The relaxed mask is exactly those weights: each lies in ``[0, 1]``
 and each slot's weights sum to 1, so the mask sums to ``k``.  The pairing comes
 from a sort and is not differentiated; the weights are.
-
-This module also holds the argument checks and helpers shared by the other
-relaxations of :mod:`khot.relaxed`.
 """
 
 from __future__ import annotations
@@ -62,7 +59,7 @@ def _tournament(s: Tensor, k: int, temperature: float) -> tuple[Tensor, Tensor]:
         q = m - 2 * p  # best candidates passing through
         s, order = s.sort(dim=-1, descending=True, stable=True)
         s_hi, s_lo = s[:, q : q + p], s[:, q + p :].flip(-1)
-        w_hi = torch.sigmoid((s_hi - s_lo) / temperature)
+        w_hi = torch.sigmoid(torch.where(s_hi == s_lo, 0, s_hi - s_lo) / temperature)  # -inf vs -inf: a tie
         w_lo = 1 - w_hi
         g = members.shape[-1]
         members, weights = (t.gather(1, order.unsqueeze(-1).expand(-1, -1, g)) for t in (members, weights))
@@ -73,7 +70,9 @@ def _tournament(s: Tensor, k: int, temperature: float) -> tuple[Tensor, Tensor]:
             top = (F.pad(members[:, :q], (0, g), value=-1), F.pad(weights[:, :q], (0, g)))
             merged = tuple(torch.cat(pair, 1) for pair in zip(top, merged))
         members, weights = merged
-        s = torch.cat([s[:, :q], w_hi * s_hi + w_lo * s_lo], dim=1)
+        # a weight of 0 must not meet an infinite score (0 * -inf is NaN): masked items stay -inf
+        mixed = torch.where(w_lo == 0, s_hi, torch.where(w_hi == 0, s_lo, w_hi * s_hi + w_lo * s_lo))
+        s = torch.cat([s[:, :q], mixed], dim=1)
         m -= p
     return members, weights
 
