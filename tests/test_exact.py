@@ -231,6 +231,7 @@ def test_modules_repr():
         (lambda: khot.nn.TokenPruning(3)(torch.ones(1, 3, 2), scores=torch.ones(1, 2)), ValueError, r"keep=3 is more than"),
         (lambda: khot.nn.TokenPruning(1)(torch.ones(1, 3, 2), torch.ones(1, 3, 3)), ValueError, r"attn must have shape"),
         (lambda: khot.nn.TokenPruning(1)(torch.ones(1, 3, 2)), ValueError, r"exactly one of attn and scores"),
+        (lambda: khot.nn.TokenPruning(1)(torch.ones(2, 5, 3), scores=torch.ones(2, 5)), ValueError, r"scores must have shape \(B, N - 1"),
     ],
 )
 def test_bad_input(call, error, match):

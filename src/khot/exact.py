@@ -86,12 +86,12 @@ def _ordered(values: torch.Tensor) -> torch.Tensor:
 
 
 def _in_blocks(fn, key: torch.Tensor, dim: int):
-    """``fn(block)`` over blocks of about ``_BLOCK`` elements cut along a batch dimension
-    (never ``dim``, and without moving data), concatenated; ``None`` if any block gives ``None``.
+    """``fn(block)`` over blocks of about ``_BLOCK`` elements cut along the largest batch
+    dimension (never ``dim``; no data moves), concatenated; ``None`` if any block gives ``None``.
 
     Blocks keep every scratch tensor small and in cache.
     """
-    batch = 1 if dim == 0 else 0
+    batch = max((d for d in range(key.dim()) if d != dim), key=lambda d: key.shape[d])
     step = max(1, _BLOCK * key.shape[batch] // max(key.numel(), 1))
     parts = []
     for start in range(0, key.shape[batch], step):

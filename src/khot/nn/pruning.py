@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .._checks import check_tensor
-from ..exact import select_topk, topk_mask
+from ..exact import select_topk
 
 __all__ = ["TokenPruning"]
 
@@ -72,17 +72,21 @@ class TokenPruning(nn.Module):
                 raise ValueError(f"attn must have shape (B, H, N, N) = ({b}, H, {n}, {n}), got {tuple(attn.shape)}")
             scores = attn[:, :, 0, first:].mean(1)
         candidates = x[:, first:]
+        check_tensor("scores", scores, floating=True)
+        if scores.shape != candidates.shape[:2]:
+            who = "N - 1 (all tokens but [CLS])" if self.keep_cls else "N"
+            raise ValueError(f"scores must have shape (B, {who}) = {tuple(candidates.shape[:2])}, got {tuple(scores.shape)}")
         count = candidates.shape[1]  # a rate rounds up, ignoring float error in rate * count (0.07 * 100 = 7.000000000000001)
         keep = self.keep if isinstance(self.keep, numbers.Integral) else math.ceil(round(self.keep * count, 9))
         if keep > candidates.shape[1]:
             raise ValueError(f"keep={self.keep} is more than the {candidates.shape[1]} tokens that compete")
-        tokens, indices = select_topk(candidates, scores, int(keep))
-        indices = indices + first
+        tokens, chosen = select_topk(candidates, scores, int(keep))
+        indices = chosen + first
         if self.keep_cls:
             tokens = torch.cat([x[:, :1], tokens], 1)
             indices = torch.cat([indices.new_zeros(indices.shape[0], 1), indices], 1)
         if self.fuse_pruned:
-            weights = scores.masked_fill(topk_mask(scores, int(keep)), 0).unsqueeze(-1)
+            weights = scores.scatter(1, chosen, 0).unsqueeze(-1)  # the kept tokens weigh nothing
             fused = (weights * candidates).sum(1, keepdim=True) / weights.sum(1, keepdim=True).clamp_min(1e-12)
             tokens = torch.cat([tokens, fused.to(tokens.dtype)], 1)
         return tokens, indices
