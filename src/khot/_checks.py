@@ -129,7 +129,7 @@ def check_positive(name: str, value):
         if not value.is_floating_point():
             raise TypeError(f"{name} must be a float or a floating-point tensor, got {_describe(value)}")
         if value.numel() and _inspectable(value):
-            if not bool(torch.isfinite(value).all() & (value > 0).all()):  # noqa: detached read
+            if not bool(torch.isfinite(value).all() & (value > 0).all()):
                 raise ValueError(f"{name} must be finite and > 0, got {value}")
         return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):

@@ -10,12 +10,13 @@ Ranking rules, shared by every op here and by every device:
   ordinary values.
 * ``magnitude=True`` ranks by ``|x|`` (the rules above then apply to ``|x|``).
 
-How it is fast: a slice's top-k always lies inside the ``k`` chunks (runs of ``m``
-neighbouring elements) with the largest chunk maxima, so on the CPU we take chunk
-maxima in one cheap reduction and run the selection only on those ``k * m``
-candidates (:func:`_topk_candidates`). The output is written once, by a scatter into
-a fresh tensor. Slices with a tie or a NaN at the k-th place are then repaired with
-an exact O(n) threshold rule (:func:`_threshold_mask`), so the tie rule holds.
+How it is fast (CPU): the maxima of strided chunks of a slice take one vectorised
+reduction; the chunks whose maximum reaches the k-th best chunk maximum provably hold
+the top k *and all its ties*, so a tie-free (value, index) key over just those
+candidates settles the selection (:func:`_complete_topk`). The output is written once,
+by a scatter into a fresh tensor. Slices that cannot take that path (NaN, integer or
+float64 data, short rows) use :func:`torch.topk` and :func:`_repair` settles ties at the
+k-th place exactly; under ``torch.compile`` a branch-free :func:`_threshold_mask` does.
 """
 
 from __future__ import annotations
@@ -217,8 +218,8 @@ def _kth(values: torch.Tensor, k, dim: int) -> torch.Tensor:
 class _Selection:
     """The top-k of every slice of ``key`` along ``dim``, before it is written out.
 
-    ``index`` holds the candidates (the best ``max(k) + 1`` of each slice) and ``take``
-    says which of them are selected (``None``: the first ``k``). A slice is ``dirty``
+    ``index`` holds candidate indices (the exact best ``max(k)``, or the best ``max(k) + 1``
+    in some order) and ``take`` says which of them are selected (``None``: all). A slice is ``dirty``
     when its k-th and (k+1)-th candidates tie (or a NaN makes it unclear): it then
     takes only the candidates ranked strictly before its ``threshold`` (all of them
     are candidates), and :func:`_repair` adds the ``missing`` lowest-index ties.
@@ -301,8 +302,8 @@ def _repair(out, key, x, sel: _Selection, dim: int, keep_values: bool):
     return out
 
 
-def _prepare(x, k, dim, name="x"):
-    check_tensor(name, x)
+def _prepare(x, k, dim):
+    check_tensor("x", x)
     dim = normalize_dim(dim, x.dim())
     if x.dim() == 0:
         x = x.reshape(1)
@@ -332,14 +333,16 @@ def _mask(x, k, dim: int, largest: bool, magnitude: bool, keep_values: bool):
         kk = k if isinstance(k, int) else k.unsqueeze(dim)
         mask = _threshold_mask(key, _kth(values, k, dim), kk, dim, largest)
         return torch.where(mask, x, zero) if keep_values else mask
-    sel = _Selection(key, k, dim, largest)
+    return _write(_Selection(key, k, dim, largest), key, x, dim, keep_values)
+
+
+def _write(sel: _Selection, key, x, dim: int, keep_values: bool) -> torch.Tensor:
+    """The selection as a bool mask shaped like ``x``, or as ``x`` zeroed outside it."""
     if keep_values:
         out = sel.scatter(torch.zeros_like(x), dim, x.gather(dim, sel.index))
     else:
         out = sel.scatter(torch.zeros(x.shape, dtype=torch.bool, device=x.device), dim, True)
-    if sel.dirty is not None:
-        out = _repair(out, key, x, sel, dim, keep_values)
-    return out
+    return out if sel.dirty is None else _repair(out, key, x, sel, dim, keep_values)
 
 
 def topk_mask(x: torch.Tensor, k, dim: int = -1, *, largest: bool = True, magnitude: bool = False) -> torch.Tensor:
@@ -433,13 +436,15 @@ def _topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices ``(..., k)`` of the exact top-k of every row of ``scores``, in increasing order.
 
     Straight from the candidates when they settle every row (no tensor of the size of
-    ``scores`` is built); otherwise read off the exact mask.
+    ``scores`` is built); otherwise read off the exact mask of the same selection.
     """
-    if not torch.compiler.is_compiling() and scores.dim() >= 2 and scores.numel():
-        sel = _Selection(scores.detach(), k, scores.dim() - 1, True)
-        if sel.dirty is None and sel.take is None:
-            return sel.index.sort(-1).values
-    return _positions(topk_mask(scores, k), k)
+    if torch.compiler.is_compiling() or scores.dim() < 2 or not scores.numel():
+        return _positions(topk_mask(scores, k), k)
+    key, dim = scores.detach(), scores.dim() - 1
+    sel = _Selection(key, k, dim, True)
+    if sel.dirty is None and sel.take is None:
+        return sel.index.sort(-1).values
+    return _positions(_write(sel, key, key, dim, keep_values=False), k)
 
 
 def _positions(mask: torch.Tensor, k: int) -> torch.Tensor:
