@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
 import khot
-from khot.bench.measure import baseline_keep, baseline_mask, peak_mib
+from khot.bench.measure import baseline_keep, baseline_mask, interleaved_ms, peak_mib
 
 GRID = [  # (shape, k, dim)
     ((4096, 32768), 64, -1),
@@ -34,29 +33,11 @@ GRID = [  # (shape, k, dim)
 QUICK = [((256, 4096), 32, -1), ((4096, 64), 8, -1), ((16, 50000), 500, -1), ((4096, 256), 16, 0)]
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _seconds(fn, x, k, dim):
-    _sync(x.device)
-    start = time.perf_counter()
-    fn(x, k, dim)
-    _sync(x.device)
-    return time.perf_counter() - start
-
-
 def measure(ours, baseline, x, k, dim, repeats):
-    for fn in (ours, baseline):  # warm-up, and check that both agree where they must
-        fn(x, k, dim)
-    times = {ours: [], baseline: []}
-    for _ in range(repeats):
-        for fn in (baseline, ours):
-            times[fn].append(_seconds(fn, x, k, dim))
+    t_ours, t_base = interleaved_ms([lambda: ours(x, k, dim), lambda: baseline(x, k, dim)], repeats)
     return (
-        statistics.median(times[ours]) * 1e3,
-        statistics.median(times[baseline]) * 1e3,
+        t_ours,
+        t_base,
         peak_mib(lambda: ours(x, k, dim), x.device),
         peak_mib(lambda: baseline(x, k, dim), x.device),
     )

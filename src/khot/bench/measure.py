@@ -6,12 +6,15 @@ memory is the peak one call needs beyond what was allocated before it.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
+
+import statistics
+import time
 
 import torch
 from torch.utils.benchmark import Timer
 
-__all__ = ["median_ms", "peak_mib", "baseline_mask", "baseline_keep"]
+__all__ = ["median_ms", "interleaved_ms", "peak_mib", "baseline_mask", "baseline_keep"]
 
 
 def baseline_mask(x, k, dim):
@@ -37,6 +40,29 @@ def median_ms(fn: Callable[[], object], min_run_time: float = 2.0) -> float:
     if timer.timeit(1).median >= min_run_time:  # the warm-up
         return timer.timeit(1).median * 1e3
     return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
+def interleaved_ms(fns: Sequence[Callable[[], object]], repeats: int = 7, warmup: int = 3) -> list[float]:
+    """Median time in ms of each of ``fns``, timed in turn ``repeats`` times after ``warmup`` runs each.
+
+    Taking turns means a slow phase of a shared, noisy machine hits every function alike, so the
+    ratios between the medians are steadier than those of separate timing loops.
+    """
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    times: list[list[float]] = [[] for _ in fns]
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    for _ in range(repeats):
+        for fn, spent in zip(fns, times):
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if cuda:
+                torch.cuda.synchronize()
+            spent.append(time.perf_counter() - start)
+    return [statistics.median(spent) * 1e3 for spent in times]
 
 
 def peak_mib(fn: Callable[[], object], device: torch.device) -> float:
