@@ -42,38 +42,72 @@ __all__ = ["DEFAULT_TEMPERATURE", "halving_topk", "halving_select"]
 DEFAULT_TEMPERATURE = 0.05
 
 
+def _sort_descending(s: Tensor) -> tuple[Tensor, Tensor]:
+    """Stable descending sort of the rows of ``s (N, m)``: ``(values, order)``.
+
+    On the CPU, float32 rows (``N * m >= 2**15``) are sorted as one flat int64 tensor of keys
+    ``row << 32 | descending order bits of the score``, which PyTorch sorts by a parallel radix
+    sort, about twice as fast as a float row sort there. Same result as
+    ``s.sort(dim=-1, descending=True, stable=True)``, ``-0.0`` counting as ``0.0``.
+    """
+    N, m = s.shape
+    if s.device.type != "cpu" or s.dtype != torch.float32 or N * m < 2**15 or N >= 2**31:
+        return s.sort(dim=-1, descending=True, stable=True)
+    bits = (s + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into 0.0
+    key = bits.bitwise_xor((bits >> 31) & 0x7FFFFFFF).to(torch.int64)  # increasing with the score
+    key = key.neg_().add_(2**31 - 1 + (torch.arange(N, device=s.device).unsqueeze(-1) << 32))
+    order = key.view(-1).sort(stable=True).indices.view(N, m)
+    order = order.sub_(torch.arange(0, N * m, m, device=s.device).unsqueeze(-1))
+    return s.gather(1, order), order
+
+
 def _tournament(s: Tensor, k: int, temperature: float) -> tuple[Tensor, Tensor]:
     """Play the tournament on ``s (N, n)``.
 
     Returns ``members`` (int64) and ``weights``, both ``(N, k, g)``: row ``j`` lists the
     inputs that ended in output slot ``j`` and their weights there.  Slots with fewer than
     ``g`` inputs (only when ``n / k`` is not a power of two) are padded with index ``-1``
-    and weight 0.
+    and weight 0.  The rounds carry only the scores; each records its sort order and pair
+    weights, and the survivors are traced back through the rounds at the end.
     """
     N, n = s.shape
-    members = torch.arange(n, device=s.device).expand(N, n).unsqueeze(-1)
-    weights = torch.ones_like(s).unsqueeze(-1)
+    rounds = []
     m = n
     while m > k:
         p = m - max(k, (m + 1) // 2)  # merges this round
         q = m - 2 * p  # best candidates passing through
-        s, order = s.sort(dim=-1, descending=True, stable=True)
+        # the first round's scores come in any order; later rounds' are nearly sorted already
+        # (a merged pair mostly keeps its better member's place), which a row sort does fast
+        s, order = _sort_descending(s) if m == n else s.sort(dim=-1, descending=True, stable=True)
         s_hi, s_lo = s[:, q : q + p], s[:, q + p :].flip(-1)
         w_hi = torch.sigmoid(torch.where(s_hi == s_lo, 0, s_hi - s_lo) / temperature)  # -inf vs -inf: a tie
         w_lo = 1 - w_hi
-        g = members.shape[-1]
-        members, weights = (t.gather(1, order.unsqueeze(-1).expand(-1, -1, g)) for t in (members, weights))
-        # merged candidate i holds the members of ranks q + i and m - 1 - i
-        hi, lo = weights[:, q : q + p] * w_hi.unsqueeze(-1), weights[:, q + p :].flip(1) * w_lo.unsqueeze(-1)
-        merged = torch.cat([members[:, q : q + p], members[:, q + p :].flip(1)], -1), torch.cat([hi, lo], -1)
-        if q:
-            top = (F.pad(members[:, :q], (0, g), value=-1), F.pad(weights[:, :q], (0, g)))
-            merged = tuple(torch.cat(pair, 1) for pair in zip(top, merged))
-        members, weights = merged
         # a weight of 0 must not meet an infinite score (0 * -inf is NaN): masked items stay -inf
         mixed = torch.where(w_lo == 0, s_hi, torch.where(w_hi == 0, s_lo, w_hi * s_hi + w_lo * s_lo))
         s = torch.cat([s[:, :q], mixed], dim=1)
+        rounds.append((order, w_hi, q, m))
         m -= p
+    # survivor j of a round is sorted candidate j of the round before (the better of its pair,
+    # or passed through when j < q), merged with sorted candidate m - 1 - (j - q) when j >= q
+    members = torch.arange(k, device=s.device).expand(N, k).unsqueeze(-1)
+    weights = torch.ones(N, k, 1, dtype=s.dtype, device=s.device)
+    padded = False
+    for order, w_hi, q, m in reversed(rounds):
+        i = (members - q).clamp_(min=0) if q or padded else members
+        w_own = w_hi.gather(1, i.flatten(1)).view_as(i)
+        partner = m - 1 - i
+        if q or padded:
+            merged = members >= q  # padding (-1) is never merged
+            w_own = torch.where(merged, w_own, members.ge(0).to(w_own.dtype))
+            partner = torch.where(merged, partner, -1)
+            padded = True
+        position = torch.cat([members, partner], -1)
+        weights = torch.cat([weights * w_own, weights * (1 - w_own)], -1)
+        if padded:
+            members = order.gather(1, position.clamp(min=0).flatten(1)).view_as(position)
+            members = torch.where(position >= 0, members, -1)
+        else:
+            members = order.gather(1, position.flatten(1)).view_as(position)
     return members, weights
 
 
