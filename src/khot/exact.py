@@ -75,15 +75,16 @@ def _chunk_members(best: torch.Tensor, m: int, n: int, dim: int) -> torch.Tensor
 _ORDER_INT = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 
 
-def _ordered(values: torch.Tensor) -> torch.Tensor:
+def _ordered(values: torch.Tensor, nan: bool = True) -> torch.Tensor:
     """Floats as integers of the same width, in the same order (an involution on the bits).
 
-    NaNs all map to the largest integer, so they rank above +inf and tie with each other.
+    NaNs all map to the largest integer, so they rank above +inf and tie with each other
+    (``nan=False``: the caller knows there are none).
     """
     bits = (values + 0.0).view(_ORDER_INT[values.dtype])  # + 0.0 turns -0.0 into +0.0, so zeros tie
     sign = bits.element_size() * 8 - 1
     ordered = bits ^ ((bits >> sign) & ((1 << sign) - 1))
-    return ordered.masked_fill_(values.isnan(), torch.iinfo(ordered.dtype).max)
+    return ordered.masked_fill_(values.isnan(), torch.iinfo(ordered.dtype).max) if nan else ordered
 
 
 def _in_blocks(fn, key: torch.Tensor, dim: int):
@@ -126,9 +127,9 @@ def _topk_candidates(key: torch.Tensor, k: int, dim: int, largest: bool):
 
 
 def _ranking_key(values: torch.Tensor, positions: torch.Tensor, largest: bool) -> torch.Tensor:
-    """A tie-free int64 key for float32-representable ``values``: their order, then the
-    position (the lower index ranks first)."""
-    ordered = _ordered(values.float()).long()
+    """A tie-free int64 key for NaN-free, float32-representable ``values``: their order, then
+    the position (the lower index ranks first)."""
+    ordered = _ordered(values.float(), nan=False).long()
     return (ordered << 32) | ((0xFFFFFFFF - positions) if largest else positions)
 
 
@@ -171,13 +172,15 @@ def _complete_topk(key: torch.Tensor, k: int, dim: int, largest: bool) -> torch.
 def _complete_block(key: torch.Tensor, k: int, m: int, dim: int, largest: bool) -> torch.Tensor | None:
     n = key.shape[dim]
     leaders = _chunk_leaders(key, m, dim, largest)
-    if bool(leaders.isnan().any()):  # a leader is NaN exactly when its chunk holds a NaN
-        return None
     spare = min(2 * k, leaders.shape[dim])  # room for leaders that tie at the bound
     values, best = _topk_candidates(leaders, spare, dim, largest)
+    # a leader is NaN exactly when its chunk holds a NaN; the largest-first topk lists NaNs first
+    if bool((values.narrow(dim, 0, 1) if largest else leaders).isnan().any()):
+        return None
     bound = values.narrow(dim, k - 1, 1)
-    reaching = int((leaders >= bound if largest else leaders <= bound).sum(dim).max())
-    if reaching > spare:
+    reaching = int((values >= bound if largest else values <= bound).sum(dim).max())
+    if reaching == spare < leaders.shape[dim]:  # the ties at the bound may go on past the spare
+        reaching = int((leaders >= bound if largest else leaders <= bound).sum(dim).max())
         values, best = _topk_candidates(leaders, reaching, dim, largest)
     index = _chunk_members(best.narrow(dim, 0, reaching), m, n, dim)
     ranking = _ranking_key(key.gather(dim, index), index, largest)
