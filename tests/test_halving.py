@@ -7,10 +7,11 @@ from khot.metrics import nccs
 from khot.relaxed.halving import halving_select, halving_topk
 
 
-def reference(E: list[list[float]], v: list[float], k: int, tau: float) -> list[list[float]]:
+def reference(E: list[list[float]], v: list[float], k: int, tau: float, published: bool = False) -> list[list[float]]:
     """Algorithm 2 of the paper for one example, one pair at a time.
 
-    The boosted softmax with base b = exp(1/tau) is b**v_i / (b**v_i + b**v_j).
+    The boosted softmax with base b = exp(1/tau) is b**v_i / (b**v_i + b**v_j); the public
+    code's (``published``) is softmax([b**v_i, b**v_j]).
     Extension beyond n/k a power of two (the documented rule): a round on m
     candidates makes p = m - max(k, ceil(m/2)) merges; the best m - 2p pass
     through and the rest pair best-with-worst.  When n/k is a power of two, p = m/2.
@@ -24,7 +25,10 @@ def reference(E: list[list[float]], v: list[float], k: int, tau: float) -> list[
         newE, newv = E[:q], v[:q]
         for i in range(p):
             a, b = q + i, m - 1 - i
-            wa = 1.0 / (1.0 + math.exp((v[b] - v[a]) / tau))
+            if published:
+                wa = 1.0 / (1.0 + math.exp(math.exp(v[b] / tau) - math.exp(v[a] / tau)))
+            else:
+                wa = 1.0 / (1.0 + math.exp((v[b] - v[a]) / tau))
             wb = 1.0 - wa
             newE.append([wa * ea + wb * eb for ea, eb in zip(E[a], E[b])])
             newv.append(wa * v[a] + wb * v[b])
@@ -32,16 +36,17 @@ def reference(E: list[list[float]], v: list[float], k: int, tau: float) -> list[
     return E
 
 
-def check_against_reference(n, k, tau, batch=2, d=3):
+def check_against_reference(n, k, tau, batch=2, d=3, published=False):
     g = torch.Generator().manual_seed(n * 1000 + k)
     s = torch.rand(batch, n, generator=g, dtype=torch.float64)
     x = torch.rand(batch, n, d, generator=g, dtype=torch.float64) * 2 - 1
-    expected = torch.tensor([reference(x[b].tolist(), s[b].tolist(), k, tau) for b in range(batch)], dtype=x.dtype)
-    torch.testing.assert_close(halving_select(x, s, k, temperature=tau), expected)
+    expected = [reference(x[b].tolist(), s[b].tolist(), k, tau, published) for b in range(batch)]
+    options = dict(temperature=tau, published_weights=published)
+    torch.testing.assert_close(halving_select(x, s, k, **options), torch.tensor(expected, dtype=x.dtype))
     # the mask is the column sums of the selection of identity rows
     eye = torch.eye(n, dtype=torch.float64).expand(batch, n, n)
-    mask = torch.tensor([reference(eye[b].tolist(), s[b].tolist(), k, tau) for b in range(batch)], dtype=x.dtype).sum(1)
-    torch.testing.assert_close(halving_topk(s, k, temperature=tau), mask)
+    mask = [reference(eye[b].tolist(), s[b].tolist(), k, tau, published) for b in range(batch)]
+    torch.testing.assert_close(halving_topk(s, k, **options), torch.tensor(mask, dtype=x.dtype).sum(1))
 
 
 @pytest.mark.parametrize("n,k", [(16, 2), (16, 8), (32, 4), (64, 2), (64, 32), (128, 16), (256, 2)])
@@ -52,6 +57,23 @@ def test_matches_paper_algorithm_when_n_over_k_is_a_power_of_two(n, k):
 @pytest.mark.parametrize("n,k", [(17, 3), (17, 8), (17, 16), (24, 5), (9, 1), (12, 12), (100, 7)])
 def test_matches_reference_rule_on_awkward_sizes(n, k):
     check_against_reference(n, k, tau=0.2)
+
+
+@pytest.mark.parametrize("n,k", [(16, 2), (64, 8), (17, 3)])
+def test_published_weights_match_the_public_codes_softmax_of_powers(n, k):
+    check_against_reference(n, k, tau=1 / math.log(20), published=True)
+
+
+def test_published_weights_depend_on_the_score_level():
+    # the guide's example at base 20: 0.9/0.8 splits 0.98/0.02, 0.2/0.1 only 0.62/0.38
+    tau = 1 / math.log(20)
+    for pair, split in (([0.9, 0.8], 0.98), ([0.2, 0.1], 0.62)):
+        mask = halving_topk(torch.tensor(pair), 1, temperature=tau, published_weights=True)
+        assert abs(mask[0].item() - split) < 0.005
+    shifted = halving_topk(torch.tensor([0.2, 0.1]), 1, temperature=tau) - halving_topk(torch.tensor([0.9, 0.8]), 1, temperature=tau)
+    assert shifted.abs().max() < 1e-6  # by score difference (the default), the level does not matter
+    with pytest.raises(TypeError, match="published_weights"):
+        halving_topk(torch.tensor(pair), 1, published_weights="yes")
 
 
 def exact_topk(x, s, k):

@@ -19,6 +19,7 @@ __all__ = [
     "check_real_count",
     "check_positive",
     "check_choice",
+    "check_flag",
     "check_rows",
 ]
 
@@ -143,6 +144,13 @@ def check_choice(name: str, value, choices):
     """Check that ``value`` is one of ``choices``; the error lists the valid ones."""
     if value not in choices:
         raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, choices))}")
+    return value
+
+
+def check_flag(name: str, value) -> bool:
+    """Check a boolean switch (a bool, not merely something truthy)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {_describe(value)}")
     return value
 
 

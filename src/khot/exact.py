@@ -33,7 +33,7 @@ _HALF = (torch.float16, torch.bfloat16)
 
 # Work on large inputs goes in blocks of about this many elements, so that scratch
 # memory stays a small fraction of the input and in cache.
-_BLOCK = 1 << 22
+_BLOCK = 1 << 20
 
 
 def _chunk_length(n: int, k: int) -> int:

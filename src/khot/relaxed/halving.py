@@ -7,8 +7,10 @@ of the pair's scores.  The paper's "boosted softmax with base b" is
 ``b**s_i / (b**s_i + b**s_j)``, i.e. ``temperature = 1 / ln(b)``: base 20 is
 temperature ``1/ln 20 ~= 0.334``, base 200 is ``~= 0.189``.  The weights depend only
 on the score difference (``sigmoid((s_i - s_j) / temperature)``), so adding a
-constant to all scores changes nothing.  (The public reference code applies a
-softmax to ``b**s``, which makes the split depend on the absolute score level.)
+constant to all scores changes nothing.  The public reference code instead applies a
+softmax to ``b**s`` (``softmax([b**s_i, b**s_j])``), which makes the split depend on the
+absolute score level (base 20: a pair 0.9/0.8 splits 0.98/0.02, a pair 0.2/0.1 only
+0.62/0.38); ``published_weights=True`` computes those weights, to reproduce the paper's numbers.
 
 Any ``1 <= k <= n``.  A round on ``m`` candidates makes ``p = m - max(k, ceil(m/2))``
 merges: the ``q = m - 2p`` best candidates pass through unchanged and the other
@@ -33,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from khot._checks import check_flag
 from khot.relaxed._common import _check_mask_args, _check_select_args, _rowwise, _select_rows
 
 __all__ = ["DEFAULT_TEMPERATURE", "halving_topk", "halving_select"]
@@ -61,7 +64,17 @@ def _sort_descending(s: Tensor) -> tuple[Tensor, Tensor]:
     return s.gather(1, order), order
 
 
-def _tournament(s: Tensor, k: int, temperature: float) -> tuple[Tensor, Tensor]:
+def _pair_weights(s_hi: Tensor, s_lo: Tensor, temperature: float, published: bool) -> Tensor:
+    """Weight of the better member of each pair: ``sigmoid((s_hi - s_lo) / τ)``, or with
+    ``published`` the public code's ``sigmoid(b**s_hi - b**s_lo)``, ``b = e**(1/τ)``."""
+    diff = torch.where(s_hi == s_lo, 0, s_hi - s_lo)  # -inf vs -inf: a tie
+    if not published:
+        return torch.sigmoid(diff / temperature)
+    gap = torch.exp(s_lo / temperature) * torch.expm1(diff / temperature)  # b**s_hi - b**s_lo
+    return torch.sigmoid(torch.where(gap.isnan(), diff, gap))  # inf * 0: the sign decides
+
+
+def _tournament(s: Tensor, k: int, temperature: float, published: bool = False) -> tuple[Tensor, Tensor]:
     """Play the tournament on ``s (N, n)``.
 
     Returns ``members`` (int64) and ``weights``, both ``(N, k, g)``: row ``j`` lists the
@@ -80,7 +93,7 @@ def _tournament(s: Tensor, k: int, temperature: float) -> tuple[Tensor, Tensor]:
         # (a merged pair mostly keeps its better member's place), which a row sort does fast
         s, order = _sort_descending(s) if m == n else s.sort(dim=-1, descending=True, stable=True)
         s_hi, s_lo = s[:, q : q + p], s[:, q + p :].flip(-1)
-        w_hi = torch.sigmoid(torch.where(s_hi == s_lo, 0, s_hi - s_lo) / temperature)  # -inf vs -inf: a tie
+        w_hi = _pair_weights(s_hi, s_lo, temperature, published)
         w_lo = 1 - w_hi
         # a weight of 0 must not meet an infinite score (0 * -inf is NaN): masked items stay -inf
         mixed = torch.where(w_lo == 0, s_hi, torch.where(w_hi == 0, s_lo, w_hi * s_hi + w_lo * s_lo))
@@ -111,7 +124,9 @@ def _tournament(s: Tensor, k: int, temperature: float) -> tuple[Tensor, Tensor]:
     return members, weights
 
 
-def halving_topk(scores: Tensor, k: int, dim: int = -1, *, temperature: float = DEFAULT_TEMPERATURE) -> Tensor:
+def halving_topk(
+    scores: Tensor, k: int, dim: int = -1, *, temperature: float = DEFAULT_TEMPERATURE, published_weights: bool = False
+) -> Tensor:
     """Relaxed k-hot mask by successive halving.
 
     Entry ``i`` is the weight of input ``i`` in the output slot it ends in, so every
@@ -123,6 +138,8 @@ def halving_topk(scores: Tensor, k: int, dim: int = -1, *, temperature: float = 
         k: number of slots, ``1 <= k <= scores.shape[dim]``.
         dim: the dimension to select along (negative counts from the end).
         temperature: pair softmax temperature, ``1 / ln(base)`` of the paper.
+        published_weights: pair weights as the public code computes them (softmax of
+            ``base**score``, level-dependent; see the module docstring), not by score difference.
 
     >>> s = torch.tensor([0.1, 0.9, 0.5, 0.3])
     >>> halving_topk(s, 2, temperature=0.1).round(decimals=2)
@@ -131,9 +148,10 @@ def halving_topk(scores: Tensor, k: int, dim: int = -1, *, temperature: float = 
     2.0
     """
     dim, k, temperature = _check_mask_args(scores, k, dim, temperature)
+    check_flag("published_weights", published_weights)
 
     def mask(s: Tensor) -> Tensor:
-        members, weights = _tournament(s, k, temperature)
+        members, weights = _tournament(s, k, temperature, published_weights)
         # the padding (index -1) lands in an extra column, dropped
         out = s.new_zeros(s.shape[0], s.shape[1] + 1)
         return out.scatter(1, members.flatten(1) % out.shape[1], weights.flatten(1))[:, :-1]
@@ -141,7 +159,9 @@ def halving_topk(scores: Tensor, k: int, dim: int = -1, *, temperature: float = 
     return _rowwise(mask, scores, dim)
 
 
-def halving_select(x: Tensor, scores: Tensor, k: int, *, temperature: float = DEFAULT_TEMPERATURE) -> Tensor:
+def halving_select(
+    x: Tensor, scores: Tensor, k: int, *, temperature: float = DEFAULT_TEMPERATURE, published_weights: bool = False
+) -> Tensor:
     """Soft-select ``k`` rows of ``x`` by successive halving on ``scores``.
 
     Args:
@@ -149,6 +169,7 @@ def halving_select(x: Tensor, scores: Tensor, k: int, *, temperature: float = DE
         scores: one score per row, shape ``(..., n)``.
         k: rows to return, ``1 <= k <= n``.
         temperature: pair softmax temperature, ``1 / ln(base)`` of the paper.
+        published_weights: pair weights as the public code computes them (see :func:`halving_topk`).
 
     Returns:
         ``(..., k, d)``: the tournament's ``k`` survivors, each a convex combination
@@ -165,9 +186,10 @@ def halving_select(x: Tensor, scores: Tensor, k: int, *, temperature: float = DE
             [0.0000, 0.0000, 0.8800, 0.1200]])
     """
     k, temperature = _check_select_args(x, scores, k, temperature)
+    check_flag("published_weights", published_weights)
 
     def select(x: Tensor, s: Tensor) -> Tensor:
-        members, weights = _tournament(s, k, temperature)
+        members, weights = _tournament(s, k, temperature, published_weights)
         N, n, d = x.shape
         rows = members + n * torch.arange(N, device=x.device).view(N, 1, 1)
         if members.numel() == N * n:  # no padding: bags of equal size
