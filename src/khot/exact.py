@@ -33,7 +33,7 @@ _HALF = (torch.float16, torch.bfloat16)
 
 # Work on large inputs goes in blocks of about this many elements, so that scratch
 # memory stays a small fraction of the input and in cache.
-_BLOCK = 1 << 20
+_BLOCK = 1 << 22
 
 
 def _chunk_length(n: int, k: int) -> int:
@@ -87,14 +87,14 @@ def _ordered(values: torch.Tensor, nan: bool = True) -> torch.Tensor:
     return ordered.masked_fill_(values.isnan(), torch.iinfo(ordered.dtype).max) if nan else ordered
 
 
-def _in_blocks(fn, key: torch.Tensor, dim: int):
-    """``fn(block)`` over blocks of about ``_BLOCK`` elements cut along the largest batch
+def _in_blocks(fn, key: torch.Tensor, dim: int, size: int = _BLOCK):
+    """``fn(block)`` over blocks of about ``size`` elements cut along the largest batch
     dimension (never ``dim``; no data moves), concatenated; ``None`` if any block gives ``None``.
 
     Blocks keep every scratch tensor small and in cache.
     """
     batch = max((d for d in range(key.dim()) if d != dim), key=lambda d: key.shape[d])
-    step = max(1, _BLOCK * key.shape[batch] // max(key.numel(), 1))
+    step = max(1, size * key.shape[batch] // max(key.numel(), 1))
     parts = []
     for start in range(0, key.shape[batch], step):
         part = fn(key.narrow(batch, start, min(step, key.shape[batch] - start)))
@@ -149,7 +149,7 @@ def _half_topk(key: torch.Tensor, k: int, dim: int, largest: bool) -> torch.Tens
         ranking = (_ordered(block).int() << 16) | tiebreak
         return torch.topk(ranking, k, dim, largest=largest, sorted=True).indices
 
-    return _in_blocks(block_topk, key, dim)
+    return _in_blocks(block_topk, key, dim, _BLOCK // 4)  # an int32 key per element: smaller blocks
 
 
 def _complete_topk(key: torch.Tensor, k: int, dim: int, largest: bool) -> torch.Tensor | None:
