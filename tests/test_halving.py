@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from khot.metrics import nccs
-from khot.relaxed.halving import halving_select, halving_topk
+from khot.relaxed.halving import _sort_descending, halving_select, halving_topk
 
 
 def reference(E: list[list[float]], v: list[float], k: int, tau: float, published: bool = False) -> list[list[float]]:
@@ -164,3 +164,17 @@ def test_paper_trend_at_base_20():
 def test_bad_input(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+def test_radix_sort_of_the_first_round_matches_the_stable_row_sort():
+    # large enough for the flat int64 key sort; ties, signed zeros, infinities, NaNs of both signs
+    s = torch.rand(4, 10000, generator=torch.Generator().manual_seed(0))
+    s[0, :50] = 0.5
+    s[1, 5:10], s[1, 20:30] = -0.0, 0.0
+    s[2, :5], s[2, 7] = -math.inf, math.inf
+    s[3, 3], s[3, 9] = math.nan, -math.nan
+    values, order = _sort_descending(s)
+    expected_values, expected_order = s.sort(dim=-1, descending=True, stable=True)
+    assert torch.equal(order, expected_order)
+    assert torch.equal(values.isnan(), expected_values.isnan())
+    assert torch.equal(values.nan_to_num(), expected_values.nan_to_num())

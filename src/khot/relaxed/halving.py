@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from khot._checks import check_flag
+from khot.exact import _ordered
 from khot.relaxed._common import _check_mask_args, _check_select_args, _rowwise, _select_rows
 
 __all__ = ["DEFAULT_TEMPERATURE", "halving_topk", "halving_select"]
@@ -51,13 +52,13 @@ def _sort_descending(s: Tensor) -> tuple[Tensor, Tensor]:
     On the CPU, float32 rows (``N * m >= 2**15``) are sorted as one flat int64 tensor of keys
     ``row << 32 | descending order bits of the score``, which PyTorch sorts by a parallel radix
     sort, about twice as fast as a float row sort there. Same result as
-    ``s.sort(dim=-1, descending=True, stable=True)``, ``-0.0`` counting as ``0.0``.
+    ``s.sort(dim=-1, descending=True, stable=True)`` (``-0.0`` ties with ``0.0``, NaNs of either
+    sign come first and tie with each other).
     """
     N, m = s.shape
     if s.device.type != "cpu" or s.dtype != torch.float32 or N * m < 2**15 or N >= 2**31:
         return s.sort(dim=-1, descending=True, stable=True)
-    bits = (s + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into 0.0
-    key = bits.bitwise_xor((bits >> 31) & 0x7FFFFFFF).to(torch.int64)  # increasing with the score
+    key = _ordered(s).to(torch.int64)  # increasing with the score; every NaN on top, as in sort
     key = key.neg_().add_(2**31 - 1 + (torch.arange(N, device=s.device).unsqueeze(-1) << 32))
     order = key.view(-1).sort(stable=True).indices.view(N, m)
     order = order.sub_(torch.arange(0, N * m, m, device=s.device).unsqueeze(-1))
