@@ -1,15 +1,15 @@
 """Measuring primitives shared by ``khot bench`` and the scripts in ``benchmarks/``.
 
-Times are medians of :class:`torch.utils.benchmark.Timer` (which synchronises CUDA);
-memory is the peak one call needs beyond what was allocated before it.
+Times are medians: of :class:`torch.utils.benchmark.Timer` (``median_ms``), or of runs taken in
+turn with other functions (``interleaved_ms``); both synchronise CUDA. Memory is the peak one
+call needs beyond what was allocated before it.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
-
 import statistics
 import time
+from typing import Callable, Sequence
 
 import torch
 from torch.utils.benchmark import Timer

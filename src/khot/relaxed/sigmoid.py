@@ -77,8 +77,9 @@ def _halley(
 ) -> tuple[Tensor, Tensor, int]:
     """Safeguarded Halley iteration for ``Σ sigmoid(x * r + c) = k`` along the last dim, from ``c``.
 
-    ``k`` (``0 < k <= n / 2``), ``c`` and the tolerance ``tol`` on ``|Σ p - k|`` are per-slice float64 (or ``dtype`` on devices without
-    float64); ``r`` is a nonzero slope, a number or a per-slice ``(..., 1)`` tensor in ``dtype``.
+    ``k`` (``0 < k <= n / 2``), ``c`` and the tolerance ``tol`` on ``|Σ p - k|`` are per-slice
+    float64 (or ``dtype`` on devices without float64); ``r`` is a nonzero slope, a number or a
+    per-slice ``(..., 1)`` tensor in ``dtype``.
     Halley's step on ``log f(c) - log k`` (Newton's where Halley's correction is large) is taken
     when it stays inside the bracket known so far and is at most half the previous step;
     otherwise the bracket is bisected in ``asinh`` space. The bracket starts as what the
