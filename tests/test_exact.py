@@ -78,7 +78,7 @@ def test_long_slices_small_k(dim, kind, dtype):
     gen = torch.Generator().manual_seed(7)
     x = random_input(gen, (3, 20011), kind, dtype)
     x = x if dim == -1 else x.T.contiguous()
-    for k in (1, 5, 37):
+    for k in (1, 5, 37, torch.tensor([3, 37, 1])):  # a per-slice k takes the sorted path
         for largest in (True, False):
             check_both(x, k, dim, largest=largest)
         check_both(x, k, dim, magnitude=True)
@@ -115,6 +115,23 @@ def test_nan_ranks_above_inf():
     assert khot.topk_mask(x, 2, largest=False).tolist() == [True, False, False, False, True]
     assert khot.topk_mask(x, 4, largest=False).tolist() == [True, True, True, False, True]
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n", [64, 20011])
+def test_signed_zeros_tie_and_negative_nans_rank_as_nan(dtype, n):
+    """-0.0 ties with 0.0 (the lower index wins) and a NaN with its sign bit set is a NaN
+    like any other, on the short-row and the long-row paths."""
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randint(-1, 2, (6, n), generator=gen).float() * torch.randn(6, n, generator=gen).abs().round()
+    x = torch.where(torch.rand(6, n, generator=gen) < 0.5, x, -x)  # zeros of both signs
+    assert bool(torch.signbit(x[x == 0]).any()) and not bool(torch.signbit(x[x == 0]).all())
+    x[1, 5] = x[3, n - 2] = NAN
+    x[1, 9] = x[4, 0] = -NAN
+    assert torch.signbit(x[4, 0]) and not torch.signbit(x[1, 5])
+    x = x.to(dtype)
+    for k in (1, 3, n // 3):
+        for largest in (True, False):
+            check_both(x, k, largest=largest)
 
 def test_keep_topk_gradient_reaches_kept_entries_only():
     x = torch.randn(5, 30, dtype=torch.float64, requires_grad=True)

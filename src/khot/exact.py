@@ -79,12 +79,16 @@ def _ordered(values: torch.Tensor, nan: bool = True) -> torch.Tensor:
     """Floats as integers of the same width, in the same order (an involution on the bits).
 
     NaNs all map to the largest integer, so they rank above +inf and tie with each other
-    (``nan=False``: the caller knows there are none).
+    (``nan=False``: the caller knows there are none; a sum, one cheap read, tells when there are).
     """
     bits = (values + 0.0).view(_ORDER_INT[values.dtype])  # + 0.0 turns -0.0 into +0.0, so zeros tie
     sign = bits.element_size() * 8 - 1
-    ordered = bits ^ ((bits >> sign) & ((1 << sign) - 1))
-    return ordered.masked_fill_(values.isnan(), torch.iinfo(ordered.dtype).max) if nan else ordered
+    flip = bits >> sign  # all ones for negative values: flip their magnitude bits, in place
+    flip &= (1 << sign) - 1
+    bits ^= flip
+    if nan and bool(values.sum().isnan()):
+        bits.masked_fill_(values.isnan(), torch.iinfo(bits.dtype).max)
+    return bits
 
 
 def _in_blocks(fn, key: torch.Tensor, dim: int, size: int = _BLOCK):
@@ -119,18 +123,19 @@ def _topk_candidates(key: torch.Tensor, k: int, dim: int, largest: bool):
     if not largest and leaders.is_floating_point() and bool(leaders.isnan().any()):
         return torch.topk(key, k, dim, largest=largest, sorted=True)
     index = _chunk_members(_topk_candidates(leaders, k, dim, largest)[1], m, n, dim)
-    candidates = key.gather(dim, index)
-    if candidates.dtype in _HALF:  # exact, and ATen's topk is slow on halves
-        candidates = candidates.float()
-    values, pick = torch.topk(candidates, k, dim, largest=largest, sorted=True)
-    return values.to(key.dtype), index.gather(dim, pick)
+    values, pick = torch.topk(key.gather(dim, index), k, dim, largest=largest, sorted=True)
+    return values, index.gather(dim, pick)
 
 
-def _ranking_key(values: torch.Tensor, positions: torch.Tensor, largest: bool) -> torch.Tensor:
-    """A tie-free int64 key for NaN-free, float32-representable ``values``: their order, then
-    the position (the lower index ranks first)."""
-    ordered = _ordered(values.float(), nan=False).long()
-    return (ordered << 32) | ((0xFFFFFFFF - positions) if largest else positions)
+def _ranking_key(order: torch.Tensor, positions: torch.Tensor, n: int, largest: bool) -> torch.Tensor:
+    """A tie-free key: the order integers of :func:`_ordered`, then the position in a slice of
+    ``n`` (the lower index ranks first). int32 when 16 bits of order and of position suffice (ATen's
+    topk is faster on it), else int64."""
+    shift = 16 if order.dtype == torch.int16 and n <= 1 << 16 else 32
+    key = order.to(torch.int32 if shift == 16 else torch.int64)
+    key <<= shift
+    key |= (((1 << shift) - 1 - positions) if largest else positions).to(key.dtype)
+    return key
 
 
 _TIE_EXACT_DTYPES = (torch.float32, *_HALF)
@@ -138,22 +143,22 @@ _TIE_EXACT_DTYPES = (torch.float32, *_HALF)
 _UNSORTED_FROM = 64
 
 
-def _half_topk(key: torch.Tensor, k: int, dim: int, largest: bool) -> torch.Tensor:
+def _half_topk(key: torch.Tensor, k: int, dim: int, largest: bool, sorted: bool) -> torch.Tensor:
     """Exact top-k indices (tie rule included) of half-precision slices of at most 2**16:
-    16 bits of order key and 16 bits of position make one tie-free int32 ranking key."""
+    16 bits of order key and 16 bits of position make one tie-free int32 ranking key
+    (integer topk is also faster than a floating one)."""
     n = key.shape[dim]
     positions = torch.arange(n, dtype=torch.int32, device=key.device).view((n,) + (1,) * (key.dim() - dim - 1))
-    tiebreak = (n - 1 - positions) if largest else positions
 
     def block_topk(block):
-        ranking = (_ordered(block).int() << 16) | tiebreak
-        return torch.topk(ranking, k, dim, largest=largest, sorted=True).indices
+        return torch.topk(_ranking_key(_ordered(block), positions, n, largest), k, dim, largest=largest, sorted=sorted).indices
 
     return _in_blocks(block_topk, key, dim, _BLOCK // 4)  # an int32 key per element: smaller blocks
 
 
-def _complete_topk(key: torch.Tensor, k: int, dim: int, largest: bool) -> torch.Tensor | None:
+def _complete_topk(key: torch.Tensor, k: int, dim: int, largest: bool, sorted: bool) -> torch.Tensor | None:
     """Indices of the exact top-k (tie rule included) of long NaN-free float rows, or ``None``.
+    ``sorted=False``: in any order.
 
     Let ``b`` be the k-th best chunk leader. At least k elements reach ``b``, so every
     element that reaches the k-th best value lies in a chunk whose leader reaches ``b``:
@@ -165,26 +170,41 @@ def _complete_topk(key: torch.Tensor, k: int, dim: int, largest: bool) -> torch.
     if k == 0 or key.dtype not in _TIE_EXACT_DTYPES or key.device.type != "cpu":
         return None
     if m == 1:
-        return _half_topk(key, k, dim, largest) if key.dtype in _HALF and n <= 1 << 16 else None
-    return _in_blocks(lambda block: _complete_block(block, k, m, dim, largest), key, dim)
+        return _half_topk(key, k, dim, largest, sorted) if key.dtype in _HALF and n <= 1 << 16 else None
+    return _in_blocks(lambda block: _complete_block(block, k, m, dim, largest, sorted), key, dim)
 
 
-def _complete_block(key: torch.Tensor, k: int, m: int, dim: int, largest: bool) -> torch.Tensor | None:
+def _complete_block(key: torch.Tensor, k: int, m: int, dim: int, largest: bool, sorted: bool) -> torch.Tensor | None:
     n = key.shape[dim]
     leaders = _chunk_leaders(key, m, dim, largest)
-    spare = min(2 * k, leaders.shape[dim])  # room for leaders that tie at the bound
-    values, best = _topk_candidates(leaders, spare, dim, largest)
-    # a leader is NaN exactly when its chunk holds a NaN; the largest-first topk lists NaNs first
-    if bool((values.narrow(dim, 0, 1) if largest else leaders).isnan().any()):
+    spare = k + max(1, k // 4)  # room for leaders that tie with the k-th; there are n // m >= 8k leaders
+    top, best, kth, last = _best_with_spare(leaders, k, spare, dim, largest)
+    # a leader is NaN exactly when its chunk holds a NaN; a largest-first topk takes NaNs first
+    if bool((top if largest else leaders).isnan().any()):
         return None
-    bound = values.narrow(dim, k - 1, 1)
-    reaching = int((values >= bound if largest else values <= bound).sum(dim).max())
-    if reaching == spare < leaders.shape[dim]:  # the ties at the bound may go on past the spare
-        reaching = int((leaders >= bound if largest else leaders <= bound).sum(dim).max())
-        values, best = _topk_candidates(leaders, reaching, dim, largest)
-    index = _chunk_members(best.narrow(dim, 0, reaching), m, n, dim)
-    ranking = _ranking_key(key.gather(dim, index), index, largest)
-    return index.gather(dim, torch.topk(ranking, k, dim, largest=largest, sorted=True).indices)
+    if bool(_before(kth, last, largest).all()):  # the chunks reaching the k-th leader are among the spare
+        reaching = int((top >= kth if largest else top <= kth).sum(dim).max())
+        best = best.gather(dim, torch.topk(top, reaching, dim, largest=largest, sorted=False).indices)
+    else:  # leaders tied with the k-th may go on past the spare
+        reaching = int((leaders >= kth if largest else leaders <= kth).sum(dim).max())
+        best = torch.topk(leaders, reaching, dim, largest=largest, sorted=False).indices
+    index = _chunk_members(best, m, n, dim)
+    order = _ordered(key.gather(dim, index), nan=False)
+    if not sorted and key.dtype not in _HALF:  # float32 rarely ties at the k-th candidate: settle without a key
+        top, pick, kth, last = _best_with_spare(order, k, k + 1, dim, largest)
+        if bool(_before(kth, last, largest).all()):
+            return index.gather(dim, pick.gather(dim, torch.topk(top, k, dim, largest=largest, sorted=False).indices))
+    ranking = _ranking_key(order, index, n, largest)
+    return index.gather(dim, torch.topk(ranking, k, dim, largest=largest, sorted=sorted).indices)
+
+
+def _best_with_spare(values: torch.Tensor, k: int, spare: int, dim: int, largest: bool):
+    """The best ``spare > k`` of every slice in any order, ``(top, index, kth, last)``: ``kth`` is the
+    k-th best and ``last`` the spare-th (both kept as a dimension of size 1; NaN ranks as in topk).
+    Where ``kth`` ranks strictly before ``last``, the k-th best and all its ties are among the spare."""
+    top, index = torch.topk(values, spare, dim, largest=largest, sorted=False)
+    tail = torch.topk(top, spare - k + 1, dim, largest=not largest, sorted=True).values  # spare-th ... k-th
+    return top, index, tail.narrow(dim, spare - k, 1), tail.narrow(dim, 0, 1)
 
 
 def _before(a: torch.Tensor, b: torch.Tensor, largest: bool) -> torch.Tensor:
@@ -232,13 +252,16 @@ class _Selection:
         n = key.shape[dim]
         kmax = k if isinstance(k, int) else int(k.max())
         shape = [1] * key.dim()
-        exact = _complete_topk(key, kmax, dim, largest)
+        exact = _complete_topk(key, kmax, dim, largest, sorted=not isinstance(k, int))  # per-slice k takes a prefix
         if exact is not None:
             self.index, self.dirty = exact, None
             shape[dim] = kmax
             ranks = torch.arange(kmax, device=key.device).view(shape)
             self.take = None if isinstance(k, int) else ranks < k.unsqueeze(dim)
             return
+        if key.dtype in _HALF and key.device.type == "cpu":  # same order and ties; integer topk is faster
+            key = _ordered(key)
+        self.key = key  # what the slices are ranked by, for _repair
         if isinstance(k, int) and _UNSORTED_FROM <= k < n and _chunk_length(n, k + 1) == 1:
             self._unsorted(key, k, dim, largest)
             return
@@ -257,13 +280,11 @@ class _Selection:
             self.missing = torch.where(self.dirty, k - self.take.sum(dim), 0)
 
     def _unsorted(self, key: torch.Tensor, k: int, dim: int, largest: bool):
-        """Short slices: an unsorted top-(k+1), about twice as cheap as a sorted one; its
-        worst two values are the k-th and the (k+1)-th, which settle the slice or not."""
-        values, self.index = torch.topk(key, k + 1, dim, largest=largest, sorted=False)
-        last_two = torch.topk(values, 2, dim, largest=not largest, sorted=True).values
-        following, self.threshold = last_two.narrow(dim, 0, 1), last_two.narrow(dim, 1, 1)
+        """Short slices: an unsorted top-(k+1), about twice as cheap as a sorted one; a settled
+        slice takes all of it but the (k+1)-th, a dirty one (whose k-th ties with the (k+1)-th)
+        those ranked before its ``threshold``, the k-th."""
+        values, self.index, self.threshold, following = _best_with_spare(key, k, k + 1, dim, largest)
         settled = _before(self.threshold, following, largest)
-        # a settled slice takes all candidates but the (k+1)-th, a dirty one those before its threshold
         self.take = _before(values, torch.where(settled, following, self.threshold), largest)
         settled = settled.squeeze(dim)
         self.dirty = None if bool(settled.all()) else ~settled
@@ -279,14 +300,14 @@ class _Selection:
         return out.scatter_(dim, self.index, src)
 
 
-def _repair(out, key, x, sel: _Selection, dim: int, keep_values: bool):
+def _repair(out, x, sel: _Selection, dim: int, keep_values: bool):
     """Select, in every dirty slice, its ``missing`` lowest-index elements tied with the threshold.
 
     Works through blocks of the leading batch dimension so that the scratch mask
     stays small; ``nonzero`` lists the ties of each slice in increasing index order
     (ties in settled slices are listed too, and dropped: their ``missing`` is 0).
     """
-    key_m, t_m, out_m, x_m = (a.movedim(dim, -1) for a in (key, sel.threshold, out, x))
+    key_m, t_m, out_m, x_m = (a.movedim(dim, -1) for a in (sel.key, sel.threshold, out, x))
     nan = bool(t_m.isnan().any())
     block = max(1, _BLOCK // max(key_m[0].numel(), 1))
     for start in range(0, key_m.shape[0], block):
@@ -336,16 +357,16 @@ def _mask(x, k, dim: int, largest: bool, magnitude: bool, keep_values: bool):
         kk = k if isinstance(k, int) else k.unsqueeze(dim)
         mask = _threshold_mask(key, _kth(values, k, dim), kk, dim, largest)
         return torch.where(mask, x, zero) if keep_values else mask
-    return _write(_Selection(key, k, dim, largest), key, x, dim, keep_values)
+    return _write(_Selection(key, k, dim, largest), x, dim, keep_values)
 
 
-def _write(sel: _Selection, key, x, dim: int, keep_values: bool) -> torch.Tensor:
+def _write(sel: _Selection, x, dim: int, keep_values: bool) -> torch.Tensor:
     """The selection as a bool mask shaped like ``x``, or as ``x`` zeroed outside it."""
     if keep_values:
         out = sel.scatter(torch.zeros_like(x), dim, x.gather(dim, sel.index))
     else:
         out = sel.scatter(torch.zeros(x.shape, dtype=torch.bool, device=x.device), dim, True)
-    return out if sel.dirty is None else _repair(out, key, x, sel, dim, keep_values)
+    return out if sel.dirty is None else _repair(out, x, sel, dim, keep_values)
 
 
 def topk_mask(x: torch.Tensor, k, dim: int = -1, *, largest: bool = True, magnitude: bool = False) -> torch.Tensor:
@@ -447,7 +468,7 @@ def _topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     sel = _Selection(key, k, dim, True)
     if sel.dirty is None and sel.take is None:
         return sel.index.sort(-1).values
-    return _positions(_write(sel, key, key, dim, keep_values=False), k)
+    return _positions(_write(sel, key, dim, keep_values=False), k)
 
 
 def _positions(mask: torch.Tensor, k: int) -> torch.Tensor:
