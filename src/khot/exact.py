@@ -123,8 +123,11 @@ def _topk_candidates(key: torch.Tensor, k: int, dim: int, largest: bool):
     if not largest and leaders.is_floating_point() and bool(leaders.isnan().any()):
         return torch.topk(key, k, dim, largest=largest, sorted=True)
     index = _chunk_members(_topk_candidates(leaders, k, dim, largest)[1], m, n, dim)
-    values, pick = torch.topk(key.gather(dim, index), k, dim, largest=largest, sorted=True)
-    return values, index.gather(dim, pick)
+    candidates = key.gather(dim, index)
+    if candidates.dtype in _HALF:  # exact, and ATen's topk is slow on halves
+        candidates = candidates.float()
+    values, pick = torch.topk(candidates, k, dim, largest=largest, sorted=True)
+    return values.to(key.dtype), index.gather(dim, pick)
 
 
 def _ranking_key(order: torch.Tensor, positions: torch.Tensor, n: int, largest: bool) -> torch.Tensor:
@@ -259,8 +262,6 @@ class _Selection:
             ranks = torch.arange(kmax, device=key.device).view(shape)
             self.take = None if isinstance(k, int) else ranks < k.unsqueeze(dim)
             return
-        if key.dtype in _HALF and key.device.type == "cpu":  # same order and ties; integer topk is faster
-            key = _ordered(key)
         self.key = key  # what the slices are ranked by, for _repair
         if isinstance(k, int) and _UNSORTED_FROM <= k < n and _chunk_length(n, k + 1) == 1:
             self._unsorted(key, k, dim, largest)
