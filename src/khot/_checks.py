@@ -72,11 +72,11 @@ def _as_count_tensor(k: torch.Tensor, batch_shape: torch.Size, name: str) -> tor
         ) from None
 
 
-def check_count(k, n: int, batch_shape: torch.Size, device: torch.device, name: str = "k"):
+def check_count(k, n: int, batch_shape: torch.Size, device: torch.device, name: str = "k", low: int = 0):
     """Check an integer top-k count: an int, or an integer tensor of per-slice counts.
 
     Returns ``k`` as a Python int, or as an int64 tensor broadcast to ``batch_shape``.
-    Every count must satisfy ``0 <= k <= n``.
+    Every count must satisfy ``low <= k <= n``.
     """
     if isinstance(k, torch.Tensor):
         if k.dtype == torch.bool or k.is_floating_point() or k.is_complex():
@@ -86,16 +86,16 @@ def check_count(k, n: int, batch_shape: torch.Size, device: torch.device, name: 
         k = _as_count_tensor(k, batch_shape, name).long()
         if k.numel() and _inspectable(k):
             lo, hi = int(k.min()), int(k.max())
-            if lo < 0 or hi > n:
+            if lo < low or hi > n:
                 raise ValueError(
-                    f"{name} must lie in [0, {n}] (the size of the reduced dimension), "
+                    f"{name} must lie in [{low}, {n}] (the size of the reduced dimension), "
                     f"got values from {lo} to {hi}"
                 )
         return k
     if isinstance(k, bool) or not isinstance(k, numbers.Integral):
         raise TypeError(f"{name} must be an int or an integer tensor, got {_describe(k)}")
-    if not 0 <= k <= n:
-        raise ValueError(f"{name}={k} is out of range: expected 0 <= {name} <= {n} (the size of the reduced dimension)")
+    if not low <= k <= n:
+        raise ValueError(f"{name}={k} is out of range: expected {low} <= {name} <= {n} (the size of the reduced dimension)")
     return int(k)
 
 

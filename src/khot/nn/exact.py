@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .._checks import check_flag
 from ..exact import keep_topk
+from ._args import check_size
 
 __all__ = ["TopK"]
 
@@ -24,7 +26,10 @@ class TopK(nn.Module):
 
     def __init__(self, k: int, dim: int = -1, *, largest: bool = True, magnitude: bool = False):
         super().__init__()
-        self.k, self.dim, self.largest, self.magnitude = k, dim, largest, magnitude
+        if isinstance(dim, bool) or not isinstance(dim, int):
+            raise TypeError(f"dim must be an int, got {dim!r}")
+        self.k, self.dim = check_size("k", k, 0), dim
+        self.largest, self.magnitude = check_flag("largest", largest), check_flag("magnitude", magnitude)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return keep_topk(x, self.k, self.dim, largest=self.largest, magnitude=self.magnitude)

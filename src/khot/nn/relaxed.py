@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import nn
 
-from ..relaxed import soft_select, soft_topk
+from .._checks import check_positive
+from ..relaxed import _mask_method, _select_method, soft_select, soft_topk
+from ._args import check_size
 
 __all__ = ["SoftTopK", "SoftSelect"]
+
+
+def _check_temperature(temperature):
+    return None if temperature is None else check_positive("temperature", temperature)
 
 
 def _options(method, temperature, options) -> str:
@@ -29,7 +37,16 @@ class SoftTopK(nn.Module):
 
     def __init__(self, k, dim: int = -1, *, method: str = "sigmoid", temperature=None, **method_options):
         super().__init__()
-        self.k, self.dim, self.method, self.temperature, self.method_options = k, dim, method, temperature, method_options
+        _mask_method(method)
+        if not isinstance(k, torch.Tensor):  # a tensor of per-slice counts is checked against the input
+            if method != "sigmoid":
+                check_size("k", k, 1)
+            elif isinstance(k, bool) or not isinstance(k, numbers.Real):
+                raise TypeError(f"k must be a number or a tensor for method='sigmoid', got {k!r}")
+            elif not k >= 0:
+                raise ValueError(f"k={k} is out of range: expected 0 <= k <= n (the size of the reduced dimension)")
+        self.k, self.dim, self.method, self.method_options = k, dim, method, method_options
+        self.temperature = _check_temperature(temperature)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return soft_topk(x, self.k, self.dim, method=self.method, temperature=self.temperature, **self.method_options)
@@ -50,7 +67,9 @@ class SoftSelect(nn.Module):
 
     def __init__(self, k: int, *, method: str = "halving", temperature=None, **method_options):
         super().__init__()
-        self.k, self.method, self.temperature, self.method_options = k, method, temperature, method_options
+        _select_method(method)
+        self.k, self.method, self.method_options = check_size("k", k, 1), method, method_options
+        self.temperature = _check_temperature(temperature)
 
     def forward(self, x: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         return soft_select(x, scores, self.k, method=self.method, temperature=self.temperature, **self.method_options)

@@ -49,7 +49,7 @@ def soft_topk(x, k, dim: int = -1, *, method: str = "sigmoid", temperature=None,
         >>> khot.soft_topk(x, 2, method="halving").round(decimals=3)
         tensor([0., 1., 0., 1.])
     """
-    fn, default = MASK_METHODS[check_choice("method", method, tuple(MASK_METHODS))]
+    fn, default = _mask_method(method)
     return fn(x, k, dim, temperature=default if temperature is None else temperature, **method_options)
 
 
@@ -68,10 +68,20 @@ def soft_select(x, scores, k: int, *, method: str = "halving", temperature=None,
         tensor([[0., 1., 0., 0.],
                 [0., 0., 0., 1.]])
     """
+    fn, default = _select_method(method)
+    return fn(x, scores, k, temperature=default if temperature is None else temperature, **method_options)
+
+
+def _mask_method(method: str):
+    """``(function, default temperature)`` of a :func:`soft_topk` method; a clear error otherwise."""
+    return MASK_METHODS[check_choice("method", method, tuple(MASK_METHODS))]
+
+
+def _select_method(method: str):
+    """``(function, default temperature)`` of a :func:`soft_select` method; a clear error otherwise."""
     if method == "sigmoid":
         raise ValueError(
             "method='sigmoid' relaxes top-k membership, not the order of k rows, so it has no soft_select; "
             f"use soft_topk(scores, k) to weight the rows, or one of {', '.join(map(repr, SELECT_METHODS))}"
         )
-    fn, default = SELECT_METHODS[check_choice("method", method, tuple(SELECT_METHODS))]
-    return fn(x, scores, k, temperature=default if temperature is None else temperature, **method_options)
+    return SELECT_METHODS[check_choice("method", method, tuple(SELECT_METHODS))]

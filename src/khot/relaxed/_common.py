@@ -24,11 +24,7 @@ def _check_k(k, n: int, batch_shape: torch.Size, device: torch.device, *, per_ro
     """A count ``1 <= k <= n``; a per-row tensor only where ``per_row``."""
     if isinstance(k, Tensor) and not per_row:
         raise TypeError(f"k must be a Python int for this method, got a tensor of shape {tuple(k.shape)}")
-    k = check_count(k, n, batch_shape, device)
-    low = (int(k.min()) if k.numel() else 1) if isinstance(k, Tensor) else k
-    if low < 1:
-        raise ValueError(f"k={low} is out of range: expected 1 <= k <= {n} (the size of the reduced dimension)")
-    return k
+    return check_count(k, n, batch_shape, device, low=1)
 
 
 def _check_mask_args(scores, k, dim, temperature, *, per_row: bool = False):
