@@ -97,6 +97,17 @@ def test_router_bad_args():
         TopKRouter(8, 4, 2)(torch.randn(3, 7))
 
 
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_router_on_no_tokens_gives_zero_losses(score):
+    router = TopKRouter(8, 4, 2, score=score)
+    out = router(torch.randn(0, 8))
+    assert out.indices.shape == (0, 2) and out.weights.shape == (0, 2)
+    assert torch.equal(out.expert_load, torch.zeros(4))
+    assert out.aux_loss.item() == 0.0 and out.router_z_loss.item() == 0.0
+    (out.aux_loss + out.router_z_loss).backward()  # an empty micro-batch leaves finite (zero) gradients
+    assert torch.equal(router.gate.weight.grad, torch.zeros_like(router.gate.weight))
+
+
 def test_router_repr():
     assert repr(TopKRouter(4, 3, 1, score="sigmoid", differentiable="sample", temperature=0.5)).startswith(
         "TopKRouter(\n  d_model=4, n_experts=3, k=1, score='sigmoid', renormalize=True, differentiable='sample', temperature=0.5"

@@ -236,3 +236,6 @@ def test_bad_input():
         sample_khot(torch.arange(5), 2)
     with pytest.raises(ValueError, match="dim=1 is out of range"):
         sample_khot(x, 2, 1)
+    for method in ("pips", "gumbel"):
+        with pytest.raises(TypeError, match="generator must be a torch.Generator or None, got int"):
+            sample_khot(x, 2, method=method, generator=0)

@@ -150,15 +150,19 @@ def pips_sample(
     return _draw(pi, normalize_dim(dim, pi.ndim), design, generator, torch.finfo(pi.dtype).eps)
 
 
+def _check_generator(generator, t: Tensor, name: str) -> None:
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        if generator.device != t.device:
+            raise ValueError(f"generator is on {generator.device} but {name} is on {t.device}")
+
+
 def _draw(pi: Tensor, dim: int, design: str, generator: torch.Generator | None, eps: float) -> Tensor:
     """:func:`pips_sample` after the checks of ``pi`` and ``dim``; slice sums within
     ``1e-6 + s * eps`` of an integer count as that integer."""
     check_choice("design", design, DESIGNS)
-    if generator is not None:
-        if not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-        if generator.device != pi.device:
-            raise ValueError(f"generator is on {generator.device} but pi is on {pi.device}")
+    _check_generator(generator, pi, "pi")
     if pi.numel() == 0:
         return torch.zeros_like(pi)
     lo, hi = (v.item() for v in torch.aminmax(pi))
@@ -233,6 +237,7 @@ def sample_khot(
     if method == "gumbel":
         if isinstance(temperature, Tensor):  # per slice: put it back in place along dim
             temperature = torch.broadcast_to(temperature.detach(), pi.movedim(d, -1).shape[:-1]).unsqueeze(d)
+        _check_generator(generator, x, "x")
         noise = torch.empty_like(x).exponential_(generator=generator).log_().neg_()  # Gumbel(0, 1)
         return straight_through(topk_mask(x.detach() / temperature + noise, k, d).to(x.dtype), pi)
     # sigmoid_topk meets Σπ = k within 1e-5 * max(1, k) (1e-12 in float64): count that as k

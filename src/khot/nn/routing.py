@@ -113,10 +113,11 @@ class TopKRouter(nn.Module):
         weights = weights.squeeze(-1)
         if self.renormalize:
             weights = weights / weights.sum(-1, keepdim=True)
-        load = torch.zeros_like(key).scatter_add_(1, indices, torch.ones_like(weights)).mean(0) / self.k
+        tokens = max(len(key), 1)  # means over no tokens are 0, not NaN: an empty batch adds no loss
+        load = torch.zeros_like(key).scatter_add_(1, indices, torch.ones_like(weights)).sum(0) / (tokens * self.k)
         probs = scores if self.score == "softmax" else scores / scores.sum(-1, keepdim=True)
-        aux = self.n_experts * (load * probs.mean(0)).sum()
-        z_loss = logits.logsumexp(-1).square().mean()
+        aux = self.n_experts * (load * probs.sum(0) / tokens).sum()
+        z_loss = logits.logsumexp(-1).square().sum() / tokens
         return RouterOutput(indices, weights, logits, aux, load, z_loss)
 
     def extra_repr(self) -> str:
