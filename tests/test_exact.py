@@ -84,6 +84,20 @@ def test_long_slices_small_k(dim, kind, dtype):
         check_both(x, k, dim, magnitude=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int32])
+def test_tie_repair_in_blocks_of_a_middle_dimension(monkeypatch, dtype):
+    """Slices whose k-th value ties past the k-th place are repaired block by block along the
+    largest batch dimension (here not the leading one)."""
+    import khot.exact
+
+    monkeypatch.setattr(khot.exact, "_BLOCK", 64)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randint(-2, 3, (3, 40, 7), generator=gen).to(dtype)
+    for k in (1, 9, torch.randint(0, 41, (3, 7), generator=gen)):
+        for largest in (True, False):
+            check_both(x, k, 1, largest=largest)
+
+
 def test_per_slice_k_and_broadcasting():
     gen = torch.Generator().manual_seed(1)
     x = torch.randint(-3, 4, (4, 5, 9), generator=gen).float()

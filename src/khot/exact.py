@@ -304,25 +304,28 @@ class _Selection:
 def _repair(out, x, sel: _Selection, dim: int, keep_values: bool):
     """Select, in every dirty slice, its ``missing`` lowest-index elements tied with the threshold.
 
-    Works through blocks of the leading batch dimension so that the scratch mask
-    stays small; ``nonzero`` lists the ties of each slice in increasing index order
-    (ties in settled slices are listed too, and dropped: their ``missing`` is 0).
+    Works through blocks of the largest batch dimension so that the scratch mask stays
+    small; ``nonzero`` lists the ties of each slice in increasing index order (ties in
+    settled slices are listed too, and dropped: their ``missing`` is 0).
     """
     key_m, t_m, out_m, x_m = (a.movedim(dim, -1) for a in (sel.key, sel.threshold, out, x))
     nan = bool(t_m.isnan().any())
-    block = max(1, _BLOCK // max(key_m[0].numel(), 1))
-    for start in range(0, key_m.shape[0], block):
-        missing = sel.missing[start : start + block]
+    axis = max(range(key_m.dim() - 1), key=lambda d: key_m.shape[d])
+    size = key_m.shape[axis]
+    block = max(1, _BLOCK * size // max(key_m.numel(), 1))
+    for start in range(0, size, block):
+        length = min(block, size - start)
+        missing = sel.missing.narrow(axis, start, length)
         if not bool(missing.any()):
             continue
-        where = _tied(key_m[start : start + block], t_m[start : start + block], nan).nonzero()
+        where = _tied(key_m.narrow(axis, start, length), t_m.narrow(axis, start, length), nan).nonzero()
         slices = where[:, :-1]
         first = torch.ones(len(where), dtype=torch.bool, device=where.device)
         first[1:] = (slices[1:] != slices[:-1]).any(-1)
         order = torch.arange(len(where), device=where.device)
         rank = order - torch.where(first, order, 0).cummax(0).values  # position among its slice's ties
         chosen = where[rank < missing[tuple(slices.T)]].T.clone()
-        chosen[0] += start
+        chosen[axis] += start
         out_m[tuple(chosen)] = x_m[tuple(chosen)] if keep_values else True
     return out
 
