@@ -98,6 +98,19 @@ def test_tie_repair_in_blocks_of_a_middle_dimension(monkeypatch, dtype):
             check_both(x, k, 1, largest=largest)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int32])
+@pytest.mark.parametrize("kind", ["random", "ties", "special"])
+def test_k_at_a_sixty_fourth_of_the_slice(dtype, kind):
+    """k = n / 64, where ATen's topk of k + 1 turns slow: khot counts the ties of the k-th instead."""
+    if kind == "special" and not dtype.is_floating_point:
+        pytest.skip("NaN and inf need a floating dtype")
+    gen = torch.Generator().manual_seed(64)
+    for n in (128, 256, 1024):
+        x = random_input(gen, (9, n), kind, dtype)
+        for largest in (True, False):
+            check_both(x, n // 64, largest=largest)
+
+
 def test_per_slice_k_and_broadcasting():
     gen = torch.Generator().manual_seed(1)
     x = torch.randint(-3, 4, (4, 5, 9), generator=gen).float()

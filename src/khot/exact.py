@@ -34,6 +34,8 @@ _HALF = (torch.float16, torch.bfloat16)
 # Work on large inputs goes in blocks of about this many elements, so that scratch
 # memory stays a small fraction of the input and in cache.
 _BLOCK = 1 << 22
+# Shorter slices are not chunked: the extra topk calls per slice cost more than chunking saves.
+_MIN_CHUNKED = 4096
 
 
 def _chunk_length(n: int, k: int) -> int:
@@ -42,7 +44,7 @@ def _chunk_length(n: int, k: int) -> int:
     About ``sqrt(n / 2k)``, preferring a divisor of ``n`` (no ragged tail); 1 means "do not chunk".
     """
     ideal = math.isqrt(n // (2 * max(k, 1)))
-    if ideal < 4:
+    if ideal < 4 or n < _MIN_CHUNKED:
         return 1
     return next((m for m in range(ideal, (ideal + 1) // 2, -1) if n % m == 0), ideal)
 
@@ -186,19 +188,33 @@ def _complete_block(key: torch.Tensor, k: int, m: int, dim: int, largest: bool, 
     if bool((top if largest else leaders).isnan().any()):
         return None
     if bool(_before(kth, last, largest).all()):  # the chunks reaching the k-th leader are among the spare
-        reaching = int((top >= kth if largest else top <= kth).sum(dim).max())
+        reaching = int(_count(top >= kth if largest else top <= kth, dim).max())
         best = best.gather(dim, torch.topk(top, reaching, dim, largest=largest, sorted=False).indices)
     else:  # leaders tied with the k-th may go on past the spare
-        reaching = int((leaders >= kth if largest else leaders <= kth).sum(dim).max())
+        reaching = int(_count(leaders >= kth if largest else leaders <= kth, dim).max())
         best = torch.topk(leaders, reaching, dim, largest=largest, sorted=False).indices
     index = _chunk_members(best, m, n, dim)
     order = _ordered(key.gather(dim, index), nan=False)
     if not sorted and key.dtype not in _HALF:  # float32 rarely ties at the k-th candidate: settle without a key
-        top, pick, kth, last = _best_with_spare(order, k, k + 1, dim, largest)
-        if bool(_before(kth, last, largest).all()):
+        top, pick, _, settled, _ = _best_and_next(order, k, dim, largest)
+        if bool(settled.all()):
             return index.gather(dim, pick.gather(dim, torch.topk(top, k, dim, largest=largest, sorted=False).indices))
     ranking = _ranking_key(order, index, n, largest)
     return index.gather(dim, torch.topk(ranking, k, dim, largest=largest, sorted=sorted).indices)
+
+
+def _best_and_next(values: torch.Tensor, k: int, dim: int, largest: bool):
+    """The best ``k + 1`` of every slice in any order, ``(top, index, last, settled, nan)``: ``last``
+    is the (k+1)-th (kept as a dimension of size 1; NaN ranks as in topk), ``settled`` says per
+    slice whether it ranks strictly after the k-th, so that the best ``k`` are all the others
+    (otherwise the k-th ties with it), and ``nan`` whether ``top`` holds a NaN."""
+    top, index = torch.topk(values, k + 1, dim, largest=largest, sorted=False)
+    nan = top.is_floating_point() and bool(top.isnan().any())
+    if nan:
+        last = torch.topk(top, 1, dim, largest=not largest).values
+    else:  # a reduction: much cheaper than a topk over many short rows
+        last = top.amin(dim, keepdim=True) if largest else top.amax(dim, keepdim=True)
+    return top, index, last, _count(_tied(top, last, nan), dim) == 1, nan
 
 
 def _best_with_spare(values: torch.Tensor, k: int, spare: int, dim: int, largest: bool):
@@ -210,8 +226,17 @@ def _best_with_spare(values: torch.Tensor, k: int, spare: int, dim: int, largest
     return top, index, tail.narrow(dim, spare - k, 1), tail.narrow(dim, 0, 1)
 
 
-def _before(a: torch.Tensor, b: torch.Tensor, largest: bool) -> torch.Tensor:
-    """Whether ``a`` ranks strictly before ``b`` (elementwise; NaN ranks above everything)."""
+def _count(mask: torch.Tensor, dim: int) -> torch.Tensor:
+    """The True entries of ``mask`` along ``dim``, as int32 (a plain bool sum widens every entry
+    to int64 first, ten times slower on the CPU)."""
+    return mask.sum(dim, dtype=torch.int32)
+
+
+def _before(a: torch.Tensor, b: torch.Tensor, largest: bool, nan: bool = True) -> torch.Tensor:
+    """Whether ``a`` ranks strictly before ``b`` (elementwise; NaN ranks above everything;
+    skip those tests when ``nan=False``)."""
+    if not nan:
+        return a > b if largest else a < b
     if largest:
         return (a > b) | (a.isnan() & ~b.isnan())
     return (a < b) | (~a.isnan() & b.isnan())
@@ -229,7 +254,7 @@ def _threshold_mask(key: torch.Tensor, t: torch.Tensor, k, dim: int, largest: bo
     elements tied with ``t`` until ``k`` are taken. Branch-free: used under ``torch.compile``.
     """
     before, equal = _before(key, t, largest), _tied(key, t)
-    need = k - before.sum(dim, keepdim=True)
+    need = k - _count(before, dim).unsqueeze(dim)
     return before | (equal & (equal.cumsum(dim, dtype=torch.int32) <= need))
 
 
@@ -266,9 +291,19 @@ class _Selection:
         if isinstance(k, int) and _UNSORTED_FROM <= k < n and _chunk_length(n, k + 1) == 1:
             self._unsorted(key, k, dim, largest)
             return
-        values, self.index = _topk_candidates(key, min(kmax + 1, n), dim, largest)
+        width = min(kmax + 1, n)
+        # ATen's CPU topk sorts partially while k <= n / 64 and takes a much slower route past it:
+        # there take just the top k, and count the elements reaching the k-th instead of a (k+1)-th
+        cliff = isinstance(k, int) and 0 < k * 64 <= n < width * 64 and key.device.type == "cpu"
+        values, self.index = _topk_candidates(key, k if cliff else width, dim, largest)
         self.threshold = _kth(values, k, dim)
-        settled = _before(self.threshold, _kth(values, k + 1, dim), largest).squeeze(dim) | (k == 0) | (k == n)
+        if cliff:
+            nan = values.is_floating_point() and bool(values.isnan().any())
+            t = self.threshold
+            reaching = (_before(key, t, largest) | _tied(key, t)) if nan else (key >= t if largest else key <= t)
+            settled = _count(reaching, dim) == k
+        else:
+            settled = _before(self.threshold, _kth(values, k + 1, dim), largest).squeeze(dim) | (k == 0) | (k == n)
         self.dirty = None if bool(settled.all()) else ~settled
         if isinstance(k, int) and self.dirty is None:
             self.index, self.take = self.index.narrow(dim, 0, k), None
@@ -278,19 +313,17 @@ class _Selection:
         self.take = ranks < (k if isinstance(k, int) else k.unsqueeze(dim))
         if self.dirty is not None:
             self.take = self.take & (_before(values, self.threshold, largest) | ~self.dirty.unsqueeze(dim))
-            self.missing = torch.where(self.dirty, k - self.take.sum(dim), 0)
+            self.missing = torch.where(self.dirty, k - _count(self.take, dim), 0)
 
     def _unsorted(self, key: torch.Tensor, k: int, dim: int, largest: bool):
         """Short slices: an unsorted top-(k+1), about twice as cheap as a sorted one; a settled
         slice takes all of it but the (k+1)-th, a dirty one (whose k-th ties with the (k+1)-th)
         those ranked before its ``threshold``, the k-th."""
-        values, self.index, self.threshold, following = _best_with_spare(key, k, k + 1, dim, largest)
-        settled = _before(self.threshold, following, largest)
-        self.take = _before(values, torch.where(settled, following, self.threshold), largest)
-        settled = settled.squeeze(dim)
+        values, self.index, self.threshold, settled, nan = _best_and_next(key, k, dim, largest)
+        self.take = _before(values, self.threshold, largest, nan)
         self.dirty = None if bool(settled.all()) else ~settled
         if self.dirty is not None:
-            self.missing = torch.where(self.dirty, k - self.take.sum(dim), 0)
+            self.missing = torch.where(self.dirty, k - _count(self.take, dim), 0)
 
     def scatter(self, out: torch.Tensor, dim: int, src) -> torch.Tensor:
         """Write ``src`` (a scalar or values aligned with ``index``) to the selected places of ``out``, in place."""
