@@ -11,6 +11,7 @@ CUDA: ``torch.cuda.max_memory_allocated``). Ratios > 1 mean khot is faster/small
 
     python benchmarks/exact_topk.py              # the issue's grid, float32 and bfloat16
     python benchmarks/exact_topk.py --quick      # small shapes, a few seconds
+    python benchmarks/exact_topk.py --sweep      # topk_mask speedups over slice lengths and k (2**22 elements)
 """
 
 from __future__ import annotations
@@ -43,15 +44,36 @@ def measure(ours, baseline, x, k, dim, repeats):
     )
 
 
+def sweep(device, repeats):
+    """``topk_mask`` speedup over the baseline for slice lengths n and counts k, 2**22 elements each."""
+    ks = (1, 4, 16, 64, 256)
+    for dtype in (torch.float32, torch.bfloat16):
+        print(f"\ntopk_mask speedup, {str(dtype)[6:]}, 2**22 elements, rows of n")
+        print(f"{'n':>7} " + " ".join(f"{'k=' + str(k):>7}" for k in ks))
+        for n in (256, 1024, 4096, 16384, 65536):
+            x = torch.randn(2**22 // n, n, device=device).to(dtype)
+            cells = []
+            for k in ks:
+                if 4 * k > n:
+                    cells.append(f"{'-':>7}")
+                    continue
+                t_ours, t_base = interleaved_ms([lambda: khot.topk_mask(x, k), lambda: baseline_mask(x, k, -1)], repeats)
+                cells.append(f"{t_base / t_ours:>6.2f}x")
+            print(f"{n:>7} " + " ".join(cells), flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shapes (a smoke run)")
+    parser.add_argument("--sweep", action="store_true", help="topk_mask over slice lengths and k instead of the grid")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     ops = [("topk_mask", khot.topk_mask, baseline_mask), ("keep_topk", khot.keep_topk, baseline_keep)]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
+    if args.sweep:
+        return sweep(device, args.repeats)
     header = f"{'op':<10} {'shape':<16} {'k':>6} {'dim':>4} {'dtype':<9} {'khot ms':>9} {'base ms':>9} {'speedup':>8} {'khot MiB':>9} {'base MiB':>9}"
     print(header)
     print("-" * len(header))
