@@ -10,13 +10,16 @@ Ranking rules, shared by every op here and by every device:
   ordinary values.
 * ``magnitude=True`` ranks by ``|x|`` (the rules above then apply to ``|x|``).
 
-How it is fast (CPU): the maxima of strided chunks of a slice take one vectorised
-reduction; the chunks whose maximum reaches the k-th best chunk maximum provably hold
-the top k *and all its ties*, so a tie-free (value, index) key over just those
-candidates settles the selection (:func:`_complete_topk`). The output is written once,
-by a scatter into a fresh tensor. Slices that cannot take that path (NaN, integer or
-float64 data, short rows) use :func:`torch.topk` and :func:`_repair` settles ties at the
-k-th place exactly; under ``torch.compile`` a branch-free :func:`_threshold_mask` does.
+How it is fast (CPU; :func:`_complete_topk`): on slices of at least 4096, the maxima of
+strided chunks take one vectorised reduction; the chunks whose maximum reaches the k-th best
+chunk maximum provably hold the top k *and all its ties*, so ranking just those candidates
+settles the selection (by value when the (k+1)-th ranks strictly after the k-th, else by a
+tie-free (value, index) key). Shorter half-precision slices rank by a 32-bit (value, index)
+key. The output is written once, by a scatter into a fresh tensor. Other slices (NaN,
+integer or float64 data, short float32 rows) use :func:`torch.topk` for ``k + 1`` (for
+``k = n / 64``, where that leaves ATen's partial sort, for ``k`` and a count of the ties),
+and :func:`_repair` settles ties at the k-th place exactly; under ``torch.compile`` a
+branch-free :func:`_threshold_mask` does.
 """
 
 from __future__ import annotations
