@@ -111,6 +111,20 @@ def test_k_at_a_sixty_fourth_of_the_slice(dtype, kind):
             check_both(x, n // 64, largest=largest)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.int64])
+@pytest.mark.parametrize("kind", ["random", "ties", "special"])
+def test_large_k_on_short_slices(dtype, kind):
+    """k >= 64 on slices too short to chunk: an unsorted top-(k+1) settled by its worst value."""
+    if kind == "special" and not dtype.is_floating_point:
+        pytest.skip("NaN and inf need a floating dtype")
+    gen = torch.Generator().manual_seed(65)
+    x = random_input(gen, (5, 300), kind, dtype)
+    for k in (64, 150, 299):
+        for largest in (True, False):
+            check_both(x, k, largest=largest)
+            check_both(x.T, k, 0, largest=largest)
+
+
 def test_per_slice_k_and_broadcasting():
     gen = torch.Generator().manual_seed(1)
     x = torch.randint(-3, 4, (4, 5, 9), generator=gen).float()
