@@ -177,6 +177,11 @@ def _masks_methods() -> dict[str, Method]:
         name: Method(lambda x, k, f=fn, t=t: f(x, k, -1, temperature=t), work=works[name], baseline="softmax")
         for name, (fn, t) in MASK_METHODS.items()
     }
+    # sigmoid top-k also at halving's default sharpness: both weigh sigmoid(score difference / τ)
+    sigmoid, sharp = MASK_METHODS["sigmoid"][0], MASK_METHODS["halving"][1]
+    out[f"sigmoid-t{sharp}"] = Method(
+        lambda x, k: sigmoid(x, k, -1, temperature=sharp), work=works["sigmoid"], baseline="softmax"
+    )
     for name, (package, fn, memory) in peers.mask_methods().items():
         work = (lambda c: c.batch * c.n * c.n * math.log2(c.n) ** 2) if memory else works["sigmoid"]
         out[name] = Method(fn, package, work, memory, baseline="softmax")
