@@ -230,8 +230,8 @@ def _best_with_spare(values: torch.Tensor, k: int, spare: int, dim: int, largest
 
 
 def _count(mask: torch.Tensor, dim: int) -> torch.Tensor:
-    """The True entries of ``mask`` along ``dim``, as int32 (a plain bool sum widens every entry
-    to int64 first, ten times slower on the CPU)."""
+    """The True entries of ``mask`` along ``dim``, as int32 (a plain bool sum over many short rows
+    was ten times slower on the CPU: 20 ms vs 2 ms for 16384 x 256)."""
     return mask.sum(dim, dtype=torch.int32)
 
 
