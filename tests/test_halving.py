@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from khot.metrics import nccs
-from khot.relaxed.halving import _sort_descending, halving_select, halving_topk
+from khot.relaxed.halving import _sort_descending, _tournament, halving_select, halving_topk
 
 
 def reference(E: list[list[float]], v: list[float], k: int, tau: float, published: bool = False) -> list[list[float]]:
@@ -129,6 +129,23 @@ def test_gradients():
     s2 = torch.stack([s.detach(), s.detach().flip(0)]).requires_grad_()
     assert torch.autograd.gradcheck(lambda x, s: halving_select(x, s, 3, temperature=0.3), (x, s2))
     assert torch.autograd.gradcheck(lambda s: halving_topk(s, 4, temperature=0.3), (s,))
+
+
+@pytest.mark.parametrize("n, k", [(64, 8), (50, 7), (33, 32)])
+def test_gradients_match_a_dense_weighted_sum(n, k):
+    """The pooling's own backward (one gather back to the input rows) against autograd through a
+    dense (k, n) weight matrix times the rows, with padding (n / k not a power of two) and without."""
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(3, n, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    s = torch.rand(3, n, dtype=torch.float64, generator=g, requires_grad=True)
+    probe = torch.randn(3, k, 5, dtype=torch.float64, generator=g)
+    ours = torch.autograd.grad((halving_select(x, s, k, temperature=0.2) * probe).sum(), (x, s))
+    members, weights = _tournament(s, k, 0.2)
+    dense = torch.zeros(3, k, n + 1, dtype=torch.float64).scatter(2, torch.where(members >= 0, members, n), weights)
+    expected = torch.autograd.grad((dense[..., :n] @ x * probe).sum(), (x, s))
+    for got, want in zip(ours, expected):
+        torch.testing.assert_close(got, want)
+    assert torch.autograd.gradcheck(lambda x, s: halving_select(x, s, k, temperature=0.2), (x, s))
 
 
 def test_paper_trend_at_base_20():

@@ -34,6 +34,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from khot._checks import check_flag
 from khot.exact import _ordered
@@ -177,8 +178,7 @@ def halving_select(
         of input rows, in descending score order in the sharp limit (for ``k == n``
         the input rows unchanged).  Differentiable w.r.t. ``x`` and ``scores``.  The
         rows are combined by ``embedding_bag`` (one weighted read of each input row);
-        on CUDA its backward uses atomics (gradients may differ in the last bits
-        between runs).
+        the backward gathers the output gradient back to the input rows (no atomics).
 
     >>> x = torch.eye(4)
     >>> s = torch.tensor([0.1, 0.9, 0.5, 0.3])
@@ -191,7 +191,25 @@ def halving_select(
 
     def select(x: Tensor, s: Tensor) -> Tensor:
         members, weights = _tournament(s, k, temperature, published_weights)
+        return _PoolSlots.apply(x, weights, members)
+
+    return _select_rows(select, x, scores, k)
+
+
+class _PoolSlots(torch.autograd.Function):
+    """``out[b, j] = Σ_t weights[b, j, t] x[b, members[b, j, t]]`` for ``x (N, n, d)`` and the
+    tournament's ``members``/``weights (N, k, g)`` (member ``-1``: padding, weight 0).
+
+    Forward: ``embedding_bag``, one weighted read of each input row. Backward: every input row
+    lies in exactly one slot, so one row gather of the output gradient back to input order gives
+    both ``grad_x[b, i] = w_i g[b, slot(i)]`` and ``grad_w_i = <x[b, i], g[b, slot(i)]>``, with no
+    scatter-add (``embedding_bag``'s own backward took three times its forward).
+    """
+
+    @staticmethod
+    def forward(x: Tensor, weights: Tensor, members: Tensor) -> Tensor:
         N, n, d = x.shape
+        k = members.shape[1]
         rows = members + n * torch.arange(N, device=x.device).view(N, 1, 1)
         if members.numel() == N * n:  # no padding: bags of equal size
             rows, weights, offsets = rows.flatten(0, 1), weights.flatten(0, 1), None
@@ -199,7 +217,30 @@ def halving_select(
             keep = members >= 0
             counts = keep.sum(-1).flatten()
             rows, weights, offsets = rows[keep], weights[keep], counts.cumsum(0) - counts
-        # one weighted read of each input row, no temporary of the size of x
         return F.embedding_bag(rows, x.reshape(N * n, d), offsets, mode="sum", per_sample_weights=weights).view(N, k, d)
 
-    return _select_rows(select, x, scores, k)
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weights, members = inputs
+        ctx.save_for_backward(x, weights, members)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        x, weights, members = ctx.saved_tensors
+        N, n, d = x.shape
+        k, g = members.shape[1:]
+        at = torch.where(members >= 0, members, n).flatten(1)  # the padding goes to a spare column n
+        slot = torch.arange(k, device=x.device).repeat_interleave(g).expand(N, -1)
+        slot_of = torch.empty(N, n + 1, dtype=torch.long, device=x.device).scatter_(1, at, slot)[:, :n]
+        slot_of += k * torch.arange(N, device=x.device).unsqueeze(-1)
+        gathered = grad.reshape(N * k, d).index_select(0, slot_of.flatten()).view(N, n, d)  # g[b, slot(i)]
+        grad_weights = None
+        if ctx.needs_input_grad[1]:
+            per_row = F.pad(torch.einsum("bnd,bnd->bn", x, gathered), (0, 1))  # a bmm: no temporary; padding: 0
+            grad_weights = per_row.gather(1, at).view_as(weights)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            weight_of = weights.new_zeros(N, n + 1).scatter_(1, at, weights.flatten(1))[:, :n]
+            grad_x = gathered.mul_(weight_of.unsqueeze(-1))
+        return grad_x, grad_weights, None
