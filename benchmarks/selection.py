@@ -6,7 +6,8 @@
    against the published algorithm (n / k a power of two) run two ways: as the
    public code runs it, a Python loop over the examples and rounds with each round
    vectorised within one example; and literally, one pair at a time.  Both use
-   the same shift-invariant pair weights, so the outputs must agree.
+   the same shift-invariant pair weights, so the outputs (and, for the first, the gradients of
+   forward + backward, also timed) must agree.
 2. The paper's grid (batch 16, d = 32, scores ~ U[0, 1], rows ~ U[-1, 1]): nCCS
    against the exact top-k rows and the median time of each method at its default
    temperature, plus halving at the paper's base 20, with khot's shift-invariant pair weights
@@ -58,9 +59,22 @@ def speed() -> None:
     ours, rounds = interleaved_ms([lambda: halving_select(x, s, k), lambda: published_halving(x, s, k, t)], 9)
     torch.testing.assert_close(halving_select(x[:2], s[:2], k, temperature=t), published_halving(x[:2], s[:2], k, t, True))
     pairs = median_ms(lambda: published_halving(x, s, k, t, True), 0)
-    print(f"successive halving, batch 16, n={n}, k={k}, d=32, temperature={t} (outputs equal)")
-    print(f"  halving_select                         {ours:10.2f} ms")
-    print(f"  published, per example and round       {rounds:10.2f} ms   x{rounds / ours:.1f}")
+    x.requires_grad_()
+    s.requires_grad_()
+    probe = torch.randn(16, k, x.shape[-1])
+
+    def backward(fn):
+        return torch.autograd.grad((fn() * probe).sum(), (x, s))
+
+    ours_grads, loop_grads = backward(lambda: halving_select(x, s, k)), backward(lambda: published_halving(x, s, k, t))
+    for got, want in zip(ours_grads, loop_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    ours_fb, rounds_fb = interleaved_ms(
+        [lambda: backward(lambda: halving_select(x, s, k)), lambda: backward(lambda: published_halving(x, s, k, t))], 7
+    )
+    print(f"successive halving, batch 16, n={n}, k={k}, d=32, temperature={t} (outputs and gradients equal)")
+    print(f"  halving_select                         {ours:10.2f} ms   fwd+bwd {ours_fb:8.2f} ms")
+    print(f"  published, per example and round       {rounds:10.2f} ms   x{rounds / ours:.1f}   fwd+bwd {rounds_fb:8.2f} ms   x{rounds_fb / ours_fb:.1f}")
     print(f"  published, per example and pair        {pairs:10.2f} ms   x{pairs / ours:.1f}\n")
 
 
