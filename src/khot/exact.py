@@ -159,7 +159,8 @@ def _half_topk(key: torch.Tensor, k: int, dim: int, largest: bool, sorted: bool)
     positions = torch.arange(n, dtype=torch.int32, device=key.device).view((n,) + (1,) * (key.dim() - dim - 1))
 
     def block_topk(block):
-        return torch.topk(_ranking_key(_ordered(block), positions, n, largest), k, dim, largest=largest, sorted=sorted).indices
+        ranking = _ranking_key(_ordered(block), positions, n, largest)
+        return torch.topk(ranking, k, dim, largest=largest, sorted=sorted).indices
 
     return _in_blocks(block_topk, key, dim, _BLOCK // 4)  # an int32 key per element: smaller blocks
 

@@ -13,16 +13,19 @@ is safeguarded by a bracket kept per slice: what the evaluations so far tell (be
 root), narrowed by ``logit(k/n) - max(x/τ) <= c <= logit(k/n) - min(x/τ)`` the first time a step
 needs it (two more reads, skipped on typical inputs); a step that leaves the bracket is replaced
 by a bisection step (taken in ``asinh`` space, so that very wide brackets shrink quickly). The
-start is the root for a strided sub-sample of about 4096 elements, solved to the ~1e-3 that a
-sub-sample can represent, so a full-size problem usually takes one Halley step plus the
-evaluation that confirms convergence. An evaluation is one (multiply-)add and an in-place
+start comes from a strided sub-sample of about 4096 elements: the probit approximation
+(the mean of ``sigmoid(z + c)`` over normal ``z`` with mean ``μ`` and deviation ``s`` is about
+``sigmoid((μ + c) / sqrt(1 + π s² / 8))``, ``s`` taken from the mean absolute deviation, which
+heavy tails do not blow up), then, for longer slices, the sub-sample's own root solved to the
+~1e-3 it can represent; so a typical problem takes one Halley step plus the evaluation that
+confirms convergence. An evaluation is one (multiply-)add and an in-place
 ``sigmoid`` into the one full-size buffer (which becomes the output), then its sum; a step adds
 ``Σ p²`` (a norm) and ``Σ p³`` (cubed in place: the next evaluation rewrites the buffer). So a
 typical solve reads the input about eight times in all, allocates one full-size tensor, never
 sorts and never copies the input to float64 (half and bfloat16 inputs are evaluated in float32;
 float64 inputs in float64). The iteration count is capped (``_MAX_ITER`` per stage) and the loop stops as soon as every
 slice satisfies ``|Σ p - k| <= tol * max(1, k)`` (``tol`` = 1e-5 in float32, 1e-12 in float64)
-or its bracket cannot shrink further in the working precision. Typical inputs take 2-3
+or its bracket cannot shrink further in the working precision. Typical inputs take 2
 evaluations; a "staircase" (scores spread over many multiples of ``τ``, e.g. ``|x / τ|`` up to
 1e5 with n = 1000) up to about 30. In float32, ``p`` cannot be resolved finer than about
 ``ulp(max |x / τ|)``. Under ``torch.compile`` and ``vmap`` the solver is the custom op
@@ -144,8 +147,13 @@ def _solve(x: Tensor, k: Tensor, r: float | Tensor, dtype: torch.dtype) -> tuple
     stride = max(1, n // _SAMPLE)
     xs = x[..., ::stride]
     m = xs.shape[-1]
-    mean = (xs.sum(-1, dtype=dtype) / m).to(k.dtype)
-    start = torch.logit(k / n) - (mean * r if isinstance(r, float) else mean * r.squeeze(-1).to(k.dtype))
+    sample = xs.to(dtype)
+    mean = sample.mean(-1, keepdim=True)
+    dev = ((sample - mean).abs().mean(-1) * math.sqrt(math.pi / 2)).to(k.dtype)  # the std, for normal data
+    mean = mean.squeeze(-1).to(k.dtype)
+    slope = r if isinstance(r, float) else r.squeeze(-1).to(k.dtype)
+    spread = (1 + math.pi / 8 * (dev * slope) ** 2).sqrt()  # the probit approximation
+    start = torch.logit(k / n) * spread - mean * slope
     start = start.nan_to_num(0.0).clamp(-_BOUND, _BOUND)  # ±inf in the sub-sample
     if stride > 1:  # solved only as finely as the sub-sample represents the whole (~1%)
         start = _halley(xs, k * (m / n), r, start, dtype, 1e-3 * k * (m / n))[1]
