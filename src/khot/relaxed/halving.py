@@ -99,7 +99,7 @@ def _tournament(s: Tensor, k: int, temperature: float, published: bool = False) 
         w_lo = 1 - w_hi
         # a weight of 0 must not meet an infinite score (0 * -inf is NaN): masked items stay -inf
         mixed = torch.where(w_lo == 0, s_hi, torch.where(w_hi == 0, s_lo, w_hi * s_hi + w_lo * s_lo))
-        s = torch.cat([s[:, :q], mixed], dim=1)
+        s = torch.cat([s[:, :q], mixed], dim=1) if q else mixed
         rounds.append((order, w_hi, q, m))
         m -= p
     # survivor j of a round is sorted candidate j of the round before (the better of its pair,
