@@ -96,18 +96,25 @@ def _ordered(values: torch.Tensor, nan: bool = True) -> torch.Tensor:
     return bits
 
 
-def _in_blocks(fn, key: torch.Tensor, dim: int, size: int = _BLOCK, *aligned: torch.Tensor):
-    """``fn(block, *aligned_blocks)`` over blocks of about ``size`` elements cut along the largest
-    batch dimension (never ``dim``; no data moves), concatenated; ``None`` if any block gives
-    ``None``. ``aligned`` tensors (of ``key``'s rank, e.g. one value per slice) are cut alike.
+def _block_spans(key: torch.Tensor, dim: int, size: int | None = None) -> tuple[int, list[tuple[int, int]]]:
+    """``(batch, spans)``: ``(start, length)`` of blocks of about ``size`` elements (default
+    ``_BLOCK``) cut along the largest batch dimension ``batch`` of ``key`` (never ``dim``)."""
+    size = _BLOCK if size is None else size
+    batch = max((d for d in range(key.dim()) if d != dim), key=lambda d: key.shape[d])
+    step = max(1, size * key.shape[batch] // max(key.numel(), 1))
+    return batch, [(start, min(step, key.shape[batch] - start)) for start in range(0, key.shape[batch], step)]
+
+
+def _in_blocks(fn, key: torch.Tensor, dim: int, size: int | None = None, *aligned: torch.Tensor):
+    """``fn(block, *aligned_blocks)`` over the blocks of :func:`_block_spans` (no data moves),
+    concatenated; ``None`` if any block gives ``None``. ``aligned`` tensors (of ``key``'s rank,
+    e.g. one value per slice) are cut alike.
 
     Blocks keep every scratch tensor small and in cache.
     """
-    batch = max((d for d in range(key.dim()) if d != dim), key=lambda d: key.shape[d])
-    step = max(1, size * key.shape[batch] // max(key.numel(), 1))
+    batch, spans = _block_spans(key, dim, size)
     parts = []
-    for start in range(0, key.shape[batch], step):
-        length = min(step, key.shape[batch] - start)
+    for start, length in spans:
         part = fn(key.narrow(batch, start, length), *(t.narrow(batch, start, length) for t in aligned))
         if part is None:
             return None
@@ -310,7 +317,7 @@ class _Selection:
                 hit = (_before(block, t, largest) | _tied(block, t)) if nan else (block >= t if largest else block <= t)
                 return _count(hit, dim, keepdim=True)
 
-            settled = (_in_blocks(reaching, key, dim, _BLOCK, self.threshold) == k).squeeze(dim)
+            settled = (_in_blocks(reaching, key, dim, None, self.threshold) == k).squeeze(dim)
         else:
             settled = _before(self.threshold, _kth(values, k + 1, dim), largest).squeeze(dim) | (k == 0) | (k == n)
         self.dirty = None if bool(settled.all()) else ~settled
@@ -352,11 +359,8 @@ def _repair(out, x, sel: _Selection, dim: int, keep_values: bool):
     """
     key_m, t_m, out_m, x_m = (a.movedim(dim, -1) for a in (sel.key, sel.threshold, out, x))
     nan = bool(t_m.isnan().any())
-    axis = max(range(key_m.dim() - 1), key=lambda d: key_m.shape[d])
-    size = key_m.shape[axis]
-    block = max(1, _BLOCK * size // max(key_m.numel(), 1))
-    for start in range(0, size, block):
-        length = min(block, size - start)
+    axis, spans = _block_spans(key_m, key_m.dim() - 1)
+    for start, length in spans:
         missing = sel.missing.narrow(axis, start, length)
         if not bool(missing.any()):
             continue
