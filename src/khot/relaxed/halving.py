@@ -126,6 +126,17 @@ def _tournament(s: Tensor, k: int, temperature: float, published: bool = False) 
     return members, weights
 
 
+def _input_positions(members: Tensor, n: int) -> Tensor:
+    """``members (N, k, g)`` flattened to ``(N, k g)``, the padding (-1) sent to a spare column ``n``."""
+    return torch.where(members >= 0, members, n).flatten(1)
+
+
+def _by_input(at: Tensor, values: Tensor, n: int) -> Tensor:
+    """Per-member ``values`` (``(N, k, g)`` or flattened) placed at their inputs ``at`` of
+    :func:`_input_positions`: ``(N, n)``, zeros where nothing lands, the spare column dropped."""
+    return values.new_zeros(at.shape[0], n + 1).scatter_(1, at, values.flatten(1))[:, :n]
+
+
 def halving_topk(
     scores: Tensor, k: int, dim: int = -1, *, temperature: float = DEFAULT_TEMPERATURE, published_weights: bool = False
 ) -> Tensor:
@@ -154,9 +165,7 @@ def halving_topk(
 
     def mask(s: Tensor) -> Tensor:
         members, weights = _tournament(s, k, temperature, published_weights)
-        # the padding (index -1) lands in an extra column, dropped
-        out = s.new_zeros(s.shape[0], s.shape[1] + 1)
-        return out.scatter(1, members.flatten(1) % out.shape[1], weights.flatten(1))[:, :-1]
+        return _by_input(_input_positions(members, s.shape[1]), weights, s.shape[1])
 
     return _rowwise(mask, scores, dim)
 
@@ -230,10 +239,9 @@ class _PoolSlots(torch.autograd.Function):
         x, weights, members = ctx.saved_tensors
         N, n, d = x.shape
         k, g = members.shape[1:]
-        at = torch.where(members >= 0, members, n).flatten(1)  # the padding goes to a spare column n
+        at = _input_positions(members, n)
         slot = torch.arange(k, device=x.device).repeat_interleave(g).expand(N, -1)
-        slot_of = torch.empty(N, n + 1, dtype=torch.long, device=x.device).scatter_(1, at, slot)[:, :n]
-        slot_of += k * torch.arange(N, device=x.device).unsqueeze(-1)
+        slot_of = _by_input(at, slot, n) + k * torch.arange(N, device=x.device).unsqueeze(-1)
         gathered = grad.reshape(N * k, d).index_select(0, slot_of.flatten()).view(N, n, d)  # g[b, slot(i)]
         grad_weights = None
         if ctx.needs_input_grad[1]:
@@ -241,6 +249,5 @@ class _PoolSlots(torch.autograd.Function):
             grad_weights = per_row.gather(1, at).view_as(weights)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            weight_of = weights.new_zeros(N, n + 1).scatter_(1, at, weights.flatten(1))[:, :n]
-            grad_x = gathered.mul_(weight_of.unsqueeze(-1))
+            grad_x = gathered.mul_(_by_input(at, weights, n).unsqueeze(-1))
         return grad_x, grad_weights, None
