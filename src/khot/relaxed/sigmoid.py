@@ -99,8 +99,9 @@ def _halley(
     limit = torch.full_like(c, math.inf)  # half the last step taken: Halley may not step further
     s = None  # the one full-size buffer, reused from one evaluation to the next
     for it in range(1, _MAX_ITER + 1):
-        c = c.to(dtype).to(k.dtype)  # the point actually evaluated
-        s = _evaluate(x, c.to(dtype), r, s)
+        point = c.to(dtype)
+        c = point.to(k.dtype)  # the point actually evaluated
+        s = _evaluate(x, point, r, s)
         f = s.sum(-1).to(k.dtype)
         below = f < k
         lo = torch.where(below, c, lo)
