@@ -1,0 +1,113 @@
+"""Which implementation of an op runs: the backend seam.
+
+Every op of khot that does real work is one ``torch.library`` custom op with up to three
+implementations:
+
+* ``"portable"``: pure PyTorch with no host synchronisation (no ``.item()``, no
+  ``bool(tensor)``, no data-dependent Python branch): fixed work per call. It is the op's
+  default on every device, so it also runs on ``device="meta"`` and inside CUDA graphs.
+* ``"cpu"``: tuned for CPU tensors; it may take data-dependent shortcuts where they win.
+* ``"triton"``: GPU kernels (imported lazily, only when a CUDA tensor or a forced backend asks
+  for them; ``TRITON_INTERPRET=1`` runs them on CPU tensors, which is how the tests check them).
+
+:func:`custom_op` defines the op and registers them through ``torch.library`` (the portable
+one as the op's default and fake, the CPU one as its CPU kernel, the Triton one as its CUDA kernel), so the choice is
+made by the dispatcher per device type, not by ``if`` chains in the ops. :func:`use_backend`
+forces one backend for the calls inside it (tests, comparisons).
+
+How a backend plugs in: write ``fn`` with the op's signature and pass it to :func:`custom_op`
+as ``cpu=``, or as ``triton=`` (a zero-argument loader that imports the kernel module and returns
+``fn``, so that ``import khot`` never imports Triton).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
+
+import torch
+
+__all__ = ["BACKENDS", "use_backend", "forced_backend", "custom_op"]
+
+BACKENDS = ("portable", "cpu", "triton")
+
+_FORCED: contextvars.ContextVar[str | None] = contextvars.ContextVar("khot_backend", default=None)
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run every khot op inside the ``with`` block on backend ``name``.
+
+    ``"portable"`` (sync-free pure PyTorch, any device), ``"cpu"`` (the CPU-tuned path, CPU
+    tensors only) or ``"triton"`` (the GPU kernels; on CPU tensors only under
+    ``TRITON_INTERPRET=1``). Ops without an implementation for the forced backend raise.
+
+    Example:
+        >>> import torch, khot
+        >>> x = torch.tensor([[0.3, 0.9, 0.1, 0.9]])
+        >>> with khot.use_backend("portable"):
+        ...     khot.topk_mask(x, 2)
+        tensor([[False,  True, False,  True]])
+    """
+    if name not in BACKENDS:
+        raise ValueError(f"name={name!r} is not a khot backend; choose one of {', '.join(map(repr, BACKENDS))}")
+    token = _FORCED.set(name)
+    try:
+        yield
+    finally:
+        _FORCED.reset(token)
+
+
+def forced_backend() -> str | None:
+    """The backend forced by the innermost :func:`use_backend`, or ``None``."""
+    return _FORCED.get()
+
+
+def custom_op(
+    name: str,
+    portable: Callable,
+    *,
+    cpu: Callable | None = None,
+    triton: Callable[[], Callable] | None = None,
+    fake: Callable | None = None,
+):
+    """Define the custom op ``khot::name`` with its backends; return it (a ``CustomOpDef``).
+
+    ``portable`` (type-annotated, as ``torch.library.custom_op`` requires) is the op's default
+    on every device; ``cpu`` takes the same arguments and runs on CPU tensors; ``triton`` is a
+    loader returning such a function, called on first use, that runs on CUDA tensors (when it
+    fails to import, CUDA tensors take the portable path). ``fake`` computes the output's shape,
+    dtype and device (``register_fake``); by default the portable path itself, which must then
+    run on meta tensors.
+    """
+    op = torch.library.custom_op(f"khot::{name}", portable, mutates_args=())
+    op.register_fake(fake or portable)
+    loaded: dict[str, Callable | None] = {}
+
+    def load_triton() -> Callable | None:
+        if triton is not None and "fn" not in loaded:
+            try:
+                loaded["fn"] = triton()
+            except ImportError:
+                loaded["fn"] = None
+        return loaded.get("fn")
+
+    def pick(device: str) -> Callable:
+        forced = _FORCED.get()
+        choice = forced or ("cpu" if device == "cpu" else "triton")
+        if choice == "cpu" and device != "cpu":
+            raise RuntimeError(f"khot::{name}: the 'cpu' backend takes CPU tensors, got {device} tensors")
+        if choice == "cpu":
+            return cpu or portable
+        if choice == "triton":
+            fn = load_triton()
+            if fn is not None:
+                return fn
+            if forced == "triton":
+                raise RuntimeError(f"khot::{name} has no Triton kernel here: install triton (pip install triton)")
+        return portable
+
+    op.register_kernel("cpu")(lambda *args, **kwargs: pick("cpu")(*args, **kwargs))
+    op.register_kernel("cuda")(lambda *args, **kwargs: pick("cuda")(*args, **kwargs))
+    return op
