@@ -7,17 +7,19 @@ implementations:
   ``bool(tensor)``, no data-dependent Python branch): fixed work per call. It is the op's
   default on every device, so it also runs on ``device="meta"`` and inside CUDA graphs.
 * ``"cpu"``: tuned for CPU tensors; it may take data-dependent shortcuts where they win.
-* ``"triton"``: GPU kernels (imported lazily, only when a CUDA tensor or a forced backend asks
-  for them; ``TRITON_INTERPRET=1`` runs them on CPU tensors, which is how the tests check them).
+* ``"triton"``: GPU kernels in :mod:`khot._triton` (imported lazily, only when a CUDA tensor or
+  a forced backend asks for them; ``TRITON_INTERPRET=1`` runs them on CPU tensors, which is how
+  the tests check them).
 
 :func:`custom_op` defines the op and registers them through ``torch.library`` (the portable
 one as the op's default and fake, the CPU one as its CPU kernel, the Triton one as its CUDA kernel), so the choice is
 made by the dispatcher per device type, not by ``if`` chains in the ops. :func:`use_backend`
 forces one backend for the calls inside it (tests, comparisons).
 
-How a backend plugs in: write ``fn`` with the op's signature and pass it to :func:`custom_op`
-as ``cpu=``, or as ``triton=`` (a zero-argument loader that imports the kernel module and returns
-``fn``, so that ``import khot`` never imports Triton).
+How a backend plugs in: a CPU path is a function with the op's signature passed to
+:func:`custom_op` as ``cpu=``; a GPU kernel is a function of the same name and signature in a
+module of :mod:`khot._triton`, listed there (that package imports Triton only when a kernel
+is first needed, so ``import khot`` never does).
 """
 
 from __future__ import annotations
@@ -64,34 +66,18 @@ def forced_backend() -> str | None:
     return _FORCED.get()
 
 
-def custom_op(
-    name: str,
-    portable: Callable,
-    *,
-    cpu: Callable | None = None,
-    triton: Callable[[], Callable] | None = None,
-    fake: Callable | None = None,
-):
+def custom_op(name: str, portable: Callable, *, cpu: Callable | None = None, fake: Callable | None = None):
     """Define the custom op ``khot::name`` with its backends; return it (a ``CustomOpDef``).
 
     ``portable`` (type-annotated, as ``torch.library.custom_op`` requires) is the op's default
-    on every device; ``cpu`` takes the same arguments and runs on CPU tensors; ``triton`` is a
-    loader returning such a function, called on first use, that runs on CUDA tensors (when it
-    fails to import, CUDA tensors take the portable path). ``fake`` computes the output's shape,
-    dtype and device (``register_fake``); by default the portable path itself, which must then
-    run on meta tensors.
+    on every device; ``cpu`` takes the same arguments and runs on CPU tensors; the Triton kernel,
+    if :mod:`khot._triton` has one named ``name``, runs on CUDA tensors (it is looked up on first
+    use; without triton, CUDA tensors take the portable path). ``fake`` computes the output's
+    shape, dtype and device (``register_fake``); by default the portable path itself, which must
+    then run on meta tensors.
     """
     op = torch.library.custom_op(f"khot::{name}", portable, mutates_args=())
     op.register_fake(fake or portable)
-    loaded: dict[str, Callable | None] = {}
-
-    def load_triton() -> Callable | None:
-        if triton is not None and "fn" not in loaded:
-            try:
-                loaded["fn"] = triton()
-            except ImportError:
-                loaded["fn"] = None
-        return loaded.get("fn")
 
     def pick(device: str) -> Callable:
         forced = _FORCED.get()
@@ -101,11 +87,13 @@ def custom_op(
         if choice == "cpu":
             return cpu or portable
         if choice == "triton":
-            fn = load_triton()
+            from . import _triton  # imports no triton itself
+
+            fn = _triton.kernel(name)
             if fn is not None:
                 return fn
             if forced == "triton":
-                raise RuntimeError(f"khot::{name} has no Triton kernel here: install triton (pip install triton)")
+                raise RuntimeError(f"khot::{name} has no Triton kernel here ({_triton.why_not(name)})")
         return portable
 
     op.register_kernel("cpu")(lambda *args, **kwargs: pick("cpu")(*args, **kwargs))
