@@ -8,11 +8,13 @@ Nothing is silently clamped.
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
 
 __all__ = [
+    "check_range",
     "check_tensor",
     "normalize_dim",
     "check_count",
@@ -30,6 +32,61 @@ def _inspectable(t: torch.Tensor) -> bool:
         return False
     is_batched = getattr(torch._C._functorch, "is_batchedtensor", None)
     return not (is_batched is not None and is_batched(t))
+
+
+def _has_data(t: torch.Tensor) -> bool:
+    return t.device.type != "meta" and not torch._subclasses.fake_tensor.is_fake(t)
+
+
+def _check_range_now(t: torch.Tensor, name: str, low: float, high: float, open_low: bool, what: str) -> None:
+    """Raise the ``ValueError`` of :func:`check_range` where ``t`` has values outside the range.
+
+    Reads the values on the CPU; on other devices queues ``torch._assert_async`` (no host
+    synchronisation; the error surfaces at the next synchronisation); on meta and fake
+    tensors (no data) it checks nothing.
+    """
+    if not t.numel() or not _has_data(t):
+        return
+    inside = (t > low) if open_low else (t >= low)
+    inside = inside & ((t < high) if high == math.inf else (t <= high))  # also rejects NaN
+    if t.device.type != "cpu":
+        torch._assert_async(inside.all(), f"{name} must {what}")
+    elif not bool(inside.all()):
+        t = t.detach()
+        raise ValueError(f"{name} must {what}, got values from {t.min().item()} to {t.max().item()}")
+
+
+def _check_range_op_body(t: torch.Tensor, name: str, low: float, high: float, open_low: bool, what: str) -> torch.Tensor:
+    _check_range_now(t, name, low, high, open_low, what)
+    return t.clone()
+
+
+# The same check as one opaque op, for torch.compile and vmap: its body runs on the real values
+# at run time, so compiled and vmapped calls raise the same error as eager ones.
+_check_range_op = torch.library.custom_op("khot::check_range", _check_range_op_body, mutates_args=())
+_check_range_op.register_fake(lambda t, *args: torch.empty_like(t))
+torch.library.register_vmap(_check_range_op, lambda info, in_dims, t, *args: (_check_range_op(t, *args), in_dims[0]))
+
+
+def check_range(t: torch.Tensor, name: str, low: float, high: float, *, open_low: bool = False, what: str = "") -> torch.Tensor:
+    """Check that every value of ``t`` lies in ``[low, high]`` (``(low, high]`` when ``open_low``;
+    ``high = inf`` excludes inf); NaN never passes. ``what`` words the rule in the error
+    ("{name} must {what}, got values from ... to ..."). Returns ``t`` (under ``torch.compile`` and
+    ``vmap``, a copy that went through the check, so the check stays in the graph).
+
+    The error is the same ``ValueError`` eager, compiled and vmapped on CPU tensors; on other
+    devices it is raised by ``torch._assert_async`` with the same text (no synchronisation).
+
+    >>> check_range(torch.tensor([3, 9]), "k", 0, 8)
+    Traceback (most recent call last):
+    ...
+    ValueError: k must lie in [0, 8], got values from 3 to 9
+    """
+    what = what or f"lie in {'(' if open_low else '['}{low}, {high}{')' if high == math.inf else ']'}"
+    if _inspectable(t):
+        _check_range_now(t, name, low, high, open_low, what)
+        return t
+    return _check_range_op(t, name, float(low), float(high), open_low, what)
 
 
 def _describe(value) -> str:
@@ -84,14 +141,7 @@ def check_count(k, n: int, batch_shape: torch.Size, device: torch.device, name: 
         if k.device != device:
             raise ValueError(f"{name} is on {k.device} but the input is on {device}")
         k = _as_count_tensor(k, batch_shape, name).long()
-        if k.numel() and _inspectable(k):
-            lo, hi = int(k.min()), int(k.max())
-            if lo < low or hi > n:
-                raise ValueError(
-                    f"{name} must lie in [{low}, {n}] (the size of the reduced dimension), "
-                    f"got values from {lo} to {hi}"
-                )
-        return k
+        return check_range(k, name, low, n, what=f"lie in [{low}, {n}] (the size of the reduced dimension)")
     if isinstance(k, bool) or not isinstance(k, numbers.Integral):
         raise TypeError(f"{name} must be an int or an integer tensor, got {_describe(k)}")
     if not low <= k <= n:
@@ -112,11 +162,7 @@ def check_real_count(k, n: int, batch_shape: torch.Size, device: torch.device, n
         k = _as_count_tensor(k, batch_shape, name)
         if not k.is_floating_point():
             k = k.to(torch.get_default_dtype())
-        if k.numel() and _inspectable(k):
-            lo, hi = float(k.detach().min()), float(k.detach().max())
-            if not (0 <= lo and hi <= n):  # also rejects NaN
-                raise ValueError(f"{name} must lie in [0, {n}], got values from {lo} to {hi}")
-        return k
+        return check_range(k, name, 0, n, what=f"lie in [0, {n}] (the size of the reduced dimension)")
     if isinstance(k, bool) or not isinstance(k, numbers.Real):
         raise TypeError(f"{name} must be a number or a real tensor, got {_describe(k)}")
     if not 0 <= k <= n:
@@ -129,10 +175,7 @@ def check_positive(name: str, value):
     if isinstance(value, torch.Tensor):
         if not value.is_floating_point():
             raise TypeError(f"{name} must be a float or a floating-point tensor, got {_describe(value)}")
-        if value.numel() and _inspectable(value):
-            if not bool(torch.isfinite(value).all() & (value > 0).all()):
-                raise ValueError(f"{name} must be finite and > 0, got {value}")
-        return value
+        return check_range(value, name, 0, math.inf, open_low=True, what="be finite and > 0")
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a positive number, got {_describe(value)}")
     if not (0 < value < float("inf")):
