@@ -66,6 +66,7 @@ def _check_range_op_body(t: torch.Tensor, name: str, low: float, high: float, op
 _check_range_op = torch.library.custom_op("khot::check_range", _check_range_op_body, mutates_args=())
 _check_range_op.register_fake(lambda t, *args: torch.empty_like(t))
 torch.library.register_vmap(_check_range_op, lambda info, in_dims, t, *args: (_check_range_op(t, *args), in_dims[0]))
+_check_range_op.register_autograd(lambda ctx, grad: (grad, None, None, None, None, None))  # the identity
 
 
 def check_range(t: torch.Tensor, name: str, low: float, high: float, *, open_low: bool = False, what: str = "") -> torch.Tensor:
