@@ -241,20 +241,6 @@ def test_token_pruning_matches_seed_snippet():
     assert rate_tokens.shape == (3, 1 + math.ceil(0.3 * 16), 8)
 
 
-def test_token_pruning_fuses_pruned_tokens():
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 9, 4, generator=gen)
-    scores = torch.rand(2, 8, generator=gen)
-    tokens, indices = khot.nn.TokenPruning(3, fuse_pruned=True)(x, scores=scores)
-    assert tokens.shape == (2, 5, 4) and indices.shape == (2, 4)
-    for b in range(2):
-        pruned = [i for i in range(8) if i + 1 not in indices[b].tolist()]
-        w = scores[b, pruned]
-        assert torch.allclose(tokens[b, -1], (w[:, None] * x[b, 1:][pruned]).sum(0) / w.sum())
-    free, free_idx = khot.nn.TokenPruning(4, keep_cls=False)(x, scores=torch.rand(2, 9, generator=gen))
-    assert free.shape == (2, 4, 4) and free_idx.shape == (2, 4)
-
-
 def test_rate_rounds_up_without_float_error_and_int_magnitude_does_not_overflow():
     x = torch.randn(1, 101, 4)
     assert khot.nn.TokenPruning(0.07)(x, scores=torch.rand(1, 100))[0].shape[1] == 1 + 7
