@@ -50,3 +50,16 @@ def test_low_precision_and_empty_batch():
 def test_bad_input(selected, target, error, match):
     with pytest.raises(error, match=match):
         nccs(selected, target)
+
+
+def test_tensors_on_two_devices_are_rejected():
+    with pytest.raises(ValueError, match=r"selected is on meta but target is on cpu"):
+        nccs(torch.rand(3, 4, device="meta"), torch.rand(3, 4))
+
+
+def test_meta_tensors_and_compile_without_graph_breaks():
+    out = nccs(torch.empty(2, 5, 3, 4, device="meta", dtype=torch.bfloat16), torch.empty(2, 5, 3, 4, device="meta", dtype=torch.bfloat16))
+    assert out.shape == (2, 5) and out.device.type == "meta" and out.dtype == torch.float32
+    a, b = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    assert torch._dynamo.explain(nccs)(a, b).graph_break_count == 0
+    torch.testing.assert_close(torch.compile(nccs, fullgraph=True, backend="eager")(a, b), nccs(a, b))

@@ -42,6 +42,8 @@ def nccs(selected: Tensor, target: Tensor) -> Tensor:
             f"selected and target must have the same shape (..., k, d), "
             f"got {tuple(selected.shape)} and {tuple(target.shape)}"
         )
+    if selected.device != target.device:
+        raise ValueError(f"selected is on {selected.device} but target is on {target.device}")
     dtype = torch.promote_types(torch.promote_types(selected.dtype, target.dtype), torch.float32)
     a = F.normalize(selected.to(dtype), dim=-1)
     b = F.normalize(target.to(dtype), dim=-1)
