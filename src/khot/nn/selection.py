@@ -7,13 +7,14 @@ from torch import Tensor, nn
 
 from .._checks import check_choice, check_positive, check_tensor
 from ..exact import topk_mask
-from ..relaxed.sigmoid import sigmoid_topk
+from ..relaxed import registry
 from ..sampling import sample_khot, straight_through
 from ._args import check_size
 
 __all__ = ["FeatureSelector"]
 
-METHODS = ("sigmoid", "straight_through", "sample")
+#: The modes that use sigmoid top-k's gradient on a hard mask (every other name is a relaxation).
+HARD_MODES = ("straight_through", "sample")
 
 
 class FeatureSelector(nn.Module):
@@ -25,10 +26,15 @@ class FeatureSelector(nn.Module):
     features. In training mode the mask is differentiable with respect to the logits:
 
     * ``"sigmoid"`` (default): the relaxed mask ``sigmoid_topk(logits, k,
-      temperature=temperature)``, in [0, 1] and summing to ``k``;
-    * ``"straight_through"``: the exact k-hot mask, with the gradient of that relaxation;
+      temperature=temperature)``, in [0, 1] and summing to ``k``; any other method of
+      :func:`khot.methods` (e.g. ``"sparse"``, ``"gumbel"``) gives its relaxed mask
+      ``soft_topk(logits, k, method=method, temperature=temperature)`` (stochastic ones draw
+      from the global RNG);
+    * ``"straight_through"``: the exact k-hot mask, with the gradient of the sigmoid relaxation;
     * ``"sample"``: a random k-hot mask drawn from that relaxation
       (:func:`khot.sample_khot`, systematic design, straight-through gradient, global RNG).
+
+    ``temperature=None`` takes the method's default (sigmoid's for the two hard modes).
 
     Example:
         >>> import torch, khot
@@ -43,12 +49,16 @@ class FeatureSelector(nn.Module):
         tensor([[0., 1., 0., 1., 0., 0.]])
     """
 
-    def __init__(self, n_features: int, k: int, *, method: str = "sigmoid", temperature: float = 1.0):
+    def __init__(self, n_features: int, k: int, *, method: str = "sigmoid", temperature: float | None = None):
         super().__init__()
         self.n_features = check_size("n_features", n_features)
         self.k = check_size("k", k, 1, n_features, "n_features")
-        self.method = check_choice("method", method, METHODS)
-        self.temperature = check_positive("temperature", temperature)
+        relaxations = tuple(m.name for m in registry.methods() if m.mask is not None)
+        self.method = check_choice("method", method, relaxations + HARD_MODES)
+        self._relaxation = registry.get("sigmoid" if method in HARD_MODES else method)
+        self.temperature = check_positive(
+            "temperature", self._relaxation.default_temperature if temperature is None else temperature
+        )
         self.logits = nn.Parameter(torch.zeros(n_features))
 
     def mask(self) -> Tensor:
@@ -57,8 +67,8 @@ class FeatureSelector(nn.Module):
             return topk_mask(self.logits.detach(), self.k).to(self.logits.dtype)
         if self.method == "sample":
             return sample_khot(self.logits, self.k, temperature=self.temperature)
-        soft = sigmoid_topk(self.logits, self.k, temperature=self.temperature)
-        if self.method == "sigmoid":
+        soft = self._relaxation.mask(self.logits, self.k, temperature=self.temperature)
+        if self.method not in HARD_MODES:
             return soft
         return straight_through(topk_mask(self.logits.detach(), self.k).to(soft.dtype), soft)
 

@@ -1,65 +1,57 @@
 """Differentiable top-k: relaxed k-hot masks and soft selection of k rows, one API over every method.
 
-=============  ==================================  ==========================  =====================
-method         mask (``soft_topk``)                rows (``soft_select``)      cost per slice
-=============  ==================================  ==========================  =====================
-``sigmoid``    sigmoid(x/τ + c), sums to k         (not defined: a mask only)  O(n), a few passes
-``halving``    tournament weights, sums to k       successive halving          O(n log(n/k))
-``iterative``  peaked-softmax weights, sums to k   iterative peaked softmax    O(k n)
-``counting``   sigmoid of soft ranks, ≈ k          soft "j-th best" slots      O(n²), chunked
-=============  ==================================  ==========================  =====================
-
+The methods, and what each supports, are the records of :func:`khot.methods` (the registry in
+:mod:`khot.relaxed.registry`; the README's "Methods" table is generated from it).
 ``temperature`` is every method's sharpness (smaller is closer to exact top-k); ``None``
-takes the method's own default, which is tuned for scores of order one.
+takes the method's own default (``Method.default_temperature``), which is tuned for scores of
+order one.
 """
 
 from __future__ import annotations
 
-from .._checks import check_choice
-from . import counting, halving, iterative, sigmoid
+from . import registry
+from .registry import methods
 
-__all__ = ["soft_topk", "soft_select", "MASK_METHODS", "SELECT_METHODS"]
+__all__ = ["soft_topk", "soft_select", "methods", "registry"]
 
-MASK_METHODS = {
-    "sigmoid": (sigmoid.sigmoid_topk, 1.0),
-    "halving": (halving.halving_topk, halving.DEFAULT_TEMPERATURE),
-    "iterative": (iterative.iterative_topk, iterative.DEFAULT_TEMPERATURE),
-    "counting": (counting.counting_topk, counting.DEFAULT_TEMPERATURE),
-}
-SELECT_METHODS = {
-    "halving": (halving.halving_select, halving.DEFAULT_TEMPERATURE),
-    "iterative": (iterative.iterative_select, iterative.DEFAULT_TEMPERATURE),
-    "counting": (counting.counting_select, counting.DEFAULT_TEMPERATURE),
-}
+# Views of the registry by name, ``(function, default temperature)``, for ``khot.bench`` until it reads
+# :func:`methods` directly (derived here: the registry stays the one list of methods).
+MASK_METHODS = {m.name: (m.mask, m.default_temperature) for m in methods() if m.mask is not None}
+SELECT_METHODS = {m.name: (m.select, m.default_temperature) for m in methods() if m.select is not None}
 
 
 def soft_topk(x, k, dim: int = -1, *, method: str = "sigmoid", temperature=None, **method_options):
-    """A relaxed k-hot mask of ``x`` along ``dim``: values in [0, 1], one per element.
+    """A relaxed k-hot mask of ``x`` along ``dim``, one value per element.
 
-    ``method`` is one of ``"sigmoid"`` (default; sums to ``k`` exactly, real-valued or
-    per-slice ``k``, see :func:`khot.sigmoid_topk`), ``"halving"``, ``"iterative"`` (both
-    sum to ``k`` exactly) and ``"counting"`` (sums to ``k`` up to clusters of near-ties).
-    ``temperature=None`` takes the method's default (1.0 for sigmoid).
+    ``method`` names a record of :func:`khot.methods`, which says what it guarantees: the range
+    of the values (``output_range``: ``[0, 1]`` for most; ``iterative`` and ``gumbel`` can exceed 1
+    on near-ties), whether they sum to ``k`` (``sums_to_k``), which ``k`` it takes (an int; a real
+    number where ``real_k``; a tensor of per-slice counts where ``per_row_k``) and its gradients.
+    The default ``"sigmoid"`` (:func:`khot.sigmoid_topk`) lies in [0, 1] and sums to ``k``.
+    ``temperature=None`` takes the method's default; ``method_options`` go to the method's
+    function (e.g. ``generator`` for the stochastic ones).
 
     Example:
         >>> import torch, khot
         >>> x = torch.tensor([0.1, 2.0, -1.0, 3.0])
-        >>> khot.soft_topk(x, 2).sum().item()
+        >>> round(khot.soft_topk(x, 2).sum().item(), 4)
         2.0
         >>> khot.soft_topk(x, 2, method="halving").round(decimals=3)
         tensor([0., 1., 0., 1.])
     """
-    fn, default = _mask_method(method)
-    return fn(x, k, dim, temperature=default if temperature is None else temperature, **method_options)
+    m = registry.get(method)
+    return m.mask(x, k, dim, temperature=m.default_temperature if temperature is None else temperature, **method_options)
 
 
 def soft_select(x, scores, k: int, *, method: str = "halving", temperature=None, **method_options):
-    """Γ of seed 002: the ``k`` rows of ``x (..., n, d)`` with the best ``scores (..., n)``, relaxed.
+    """The ``k`` rows of ``x (..., n, d)`` with the best ``scores (..., n)``, relaxed: the soft top-k
+    operator Γ of Pietruszka, Borchmann & Graliński ("Successive Halving Top-k Operator", AAAI 2021).
 
-    Returns ``(..., k, d)``, exactly ``k`` rows (best first in the sharp limit),
-    differentiable with respect to ``x`` and ``scores``. ``method``: ``"halving"``
-    (default), ``"iterative"`` or ``"counting"``. Sigmoid top-k relaxes membership, not
-    order, so it has no row selection: weight rows by ``soft_topk`` instead.
+    Returns ``(..., k, d)``, exactly ``k`` rows, differentiable with respect to ``x`` and
+    ``scores``. In the sharp limit the rows are the top-k rows, best first, except where a method
+    documents otherwise. ``method``: any record of :func:`khot.methods` with a ``select``
+    function (``"halving"``, the default, ``"iterative"``, ``"counting"``). The mask-only methods
+    (``"sigmoid"``, ...) relax membership, not order: weight the rows by :func:`khot.soft_topk`.
 
     Example:
         >>> import torch, khot
@@ -68,20 +60,17 @@ def soft_select(x, scores, k: int, *, method: str = "halving", temperature=None,
         tensor([[0., 1., 0., 0.],
                 [0., 0., 0., 1.]])
     """
-    fn, default = _select_method(method)
-    return fn(x, scores, k, temperature=default if temperature is None else temperature, **method_options)
+    m = select_method(method)
+    return m.select(x, scores, k, temperature=m.default_temperature if temperature is None else temperature, **method_options)
 
 
-def _mask_method(method: str):
-    """``(function, default temperature)`` of a :func:`soft_topk` method; a clear error otherwise."""
-    return MASK_METHODS[check_choice("method", method, tuple(MASK_METHODS))]
-
-
-def _select_method(method: str):
-    """``(function, default temperature)`` of a :func:`soft_select` method; a clear error otherwise."""
-    if method == "sigmoid":
+def select_method(method: str) -> registry.Method:
+    """The record of a :func:`soft_select` method; a clear error for a mask-only or unknown one."""
+    m = registry.get(method)
+    if m.select is None:
+        rows = ", ".join(repr(r.name) for r in methods() if r.select is not None)
         raise ValueError(
-            "method='sigmoid' relaxes top-k membership, not the order of k rows, so it has no soft_select; "
-            f"use soft_topk(scores, k) to weight the rows, or one of {', '.join(map(repr, SELECT_METHODS))}"
+            f"method={method!r} relaxes top-k membership, not the order of k rows, so it has no soft_select; "
+            f"use soft_topk(scores, k) to weight the rows, or one of {rows}"
         )
-    return SELECT_METHODS[check_choice("method", method, tuple(SELECT_METHODS))]
+    return m
