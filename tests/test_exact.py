@@ -88,9 +88,9 @@ def test_long_slices_small_k(dim, kind, dtype):
 def test_tie_repair_in_blocks_of_a_middle_dimension(monkeypatch, dtype):
     """Slices whose k-th value ties past the k-th place are repaired block by block along the
     largest batch dimension (here not the leading one)."""
-    import khot.exact
+    import khot.exact._cpu
 
-    monkeypatch.setattr(khot.exact, "_BLOCK", 64)
+    monkeypatch.setattr(khot.exact._cpu, "_BLOCK", 64)
     gen = torch.Generator().manual_seed(3)
     x = torch.randint(-2, 3, (3, 40, 7), generator=gen).to(dtype)
     for k in (1, 9, torch.randint(0, 41, (3, 7), generator=gen)):
@@ -105,9 +105,9 @@ def test_k_at_a_sixty_fourth_of_the_slice(dtype, kind, monkeypatch):
     in blocks of a few slices (made small here)."""
     if kind == "special" and not dtype.is_floating_point:
         pytest.skip("NaN and inf need a floating dtype")
-    import khot.exact
+    import khot.exact._cpu
 
-    monkeypatch.setattr(khot.exact, "_BLOCK", 2000)
+    monkeypatch.setattr(khot.exact._cpu, "_BLOCK", 2000)
     gen = torch.Generator().manual_seed(64)
     for n in (128, 256, 1024):
         x = random_input(gen, (9, n), kind, dtype)

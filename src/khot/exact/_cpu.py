@@ -1,14 +1,4 @@
-"""Exact top-k: k-hot masks, "zero all but the top k", and row selection by scores.
-
-Ranking rules, shared by every op here and by every device:
-
-* **Ties**: among equal values the lower index wins. The masks for ``k`` and ``k + 1``
-  are therefore nested, and the result does not depend on the device or on ``k``.
-* **NaN** ranks above ``+inf``, as in :func:`torch.sort` and :func:`torch.topk`: with
-  ``largest=True`` NaNs are selected first, with ``largest=False`` they are selected
-  only when a slice has fewer than ``k`` other values. ``+inf`` and ``-inf`` are
-  ordinary values.
-* ``magnitude=True`` ranks by ``|x|`` (the rules above then apply to ``|x|``).
+"""The CPU path of the exact ops: tuned for CPU tensors, with data-dependent shortcuts.
 
 How it is fast (CPU; :func:`_complete_topk`): on slices of at least 4096, the maxima of
 strided chunks take one vectorised reduction; the chunks whose maximum reaches the k-th best
@@ -18,8 +8,7 @@ tie-free (value, index) key). Shorter half-precision slices rank by a 32-bit (va
 key. The output is written once, by a scatter into a fresh tensor. Other slices (NaN,
 integer or float64 data, short float32 rows) use :func:`torch.topk` for ``k + 1`` (for
 ``k = n / 64``, where that leaves ATen's partial sort, for ``k`` and a count of the ties),
-and :func:`_repair` settles ties at the k-th place exactly; under ``torch.compile`` a
-branch-free :func:`_threshold_mask` does.
+and :func:`_repair` settles ties at the k-th place exactly.
 """
 
 from __future__ import annotations
@@ -28,7 +17,8 @@ import math
 
 import torch
 
-from ._checks import check_count, check_rows, check_tensor, normalize_dim
+from .._order import _magnitude, _ordered
+from ._portable import best_first, positions
 
 __all__ = ["topk_mask", "keep_topk", "select_topk"]
 
@@ -75,25 +65,6 @@ def _chunk_members(best: torch.Tensor, m: int, n: int, dim: int) -> torch.Tensor
         tail = torch.arange(chunks * m, n, device=best.device).view((-1,) + trailing)
         index = torch.cat([index, tail.expand(shape)], dim)
     return index
-
-
-_ORDER_INT = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
-
-
-def _ordered(values: torch.Tensor, nan: bool = True) -> torch.Tensor:
-    """Floats as integers of the same width, in the same order (an involution on the bits).
-
-    NaNs all map to the largest integer, so they rank above +inf and tie with each other
-    (``nan=False``: the caller knows there are none; a sum, one cheap read, tells when there are).
-    """
-    bits = (values + 0.0).view(_ORDER_INT[values.dtype])  # + 0.0 turns -0.0 into +0.0, so zeros tie
-    sign = bits.element_size() * 8 - 1
-    flip = bits >> sign  # all ones for negative values: flip their magnitude bits, in place
-    flip &= (1 << sign) - 1
-    bits ^= flip
-    if nan and bool(values.sum().isnan()):
-        bits.masked_fill_(values.isnan(), torch.iinfo(bits.dtype).max)
-    return bits
 
 
 def _block_spans(key: torch.Tensor, dim: int, size: int | None = None) -> tuple[int, list[tuple[int, int]]]:
@@ -168,7 +139,7 @@ def _half_topk(key: torch.Tensor, k: int, dim: int, largest: bool, sorted: bool)
     positions = torch.arange(n, dtype=torch.int32, device=key.device).view((n,) + (1,) * (key.dim() - dim - 1))
 
     def block_topk(block):
-        ranking = _ranking_key(_ordered(block), positions, n, largest)
+        ranking = _ranking_key(_ordered(block, nan=bool(block.sum().isnan())), positions, n, largest)
         return torch.topk(ranking, k, dim, largest=largest, sorted=sorted).indices
 
     return _in_blocks(block_topk, key, dim, _BLOCK // 4)  # an int32 key per element: smaller blocks
@@ -258,17 +229,6 @@ def _before(a: torch.Tensor, b: torch.Tensor, largest: bool, nan: bool = True) -
 def _tied(a: torch.Tensor, b: torch.Tensor, nan: bool = True) -> torch.Tensor:
     """Whether ``a`` and ``b`` rank equal (NaN ties with NaN; skip that test when ``nan=False``)."""
     return (a == b) | (a.isnan() & b.isnan()) if nan else a == b
-
-
-def _threshold_mask(key: torch.Tensor, t: torch.Tensor, k, dim: int, largest: bool) -> torch.Tensor:
-    """Exact k-hot mask given ``t``, the k-th ranked value of every slice (broadcast along ``dim``).
-
-    Selects every element ranked strictly before ``t``, then the lowest-index
-    elements tied with ``t`` until ``k`` are taken. Branch-free: used under ``torch.compile``.
-    """
-    before, equal = _before(key, t, largest), _tied(key, t)
-    need = k - _count(before, dim).unsqueeze(dim)
-    return before | (equal & (equal.cumsum(dim, dtype=torch.int32) <= need))
 
 
 def _kth(values: torch.Tensor, k, dim: int) -> torch.Tensor:
@@ -376,37 +336,12 @@ def _repair(out, x, sel: _Selection, dim: int, keep_values: bool):
     return out
 
 
-def _prepare(x, k, dim):
-    check_tensor("x", x)
-    dim = normalize_dim(dim, x.dim())
-    if x.dim() == 0:
-        x = x.reshape(1)
-    while x.dim() < 2:  # give every op at least one batch dimension
-        x, dim = x.unsqueeze(0), dim + 1
-    batch = x.shape[:dim] + x.shape[dim + 1 :]
-    k = check_count(k, x.shape[dim], batch, x.device)
-    return x, k, dim
-
-
-def _magnitude(x: torch.Tensor) -> torch.Tensor:
-    """``|x|``; narrow signed integers are widened first, since ``abs`` of their minimum overflows."""
-    if x.dtype in (torch.int8, torch.int16, torch.int32):
-        x = x.long()
-    return x.abs()
-
-
 def _mask(x, k, dim: int, largest: bool, magnitude: bool, keep_values: bool):
-    """The exact k-hot mask of ``x`` (``keep_values=False``) or ``x`` zeroed outside it."""
-    n = x.shape[dim]
-    zero = torch.zeros((), dtype=x.dtype, device=x.device)
-    if x.numel() == 0 or (isinstance(k, int) and k == n):
+    """The exact k-hot mask of ``x`` (``keep_values=False``) or ``x`` zeroed outside it;
+    ``k`` an int or an int64 tensor of per-slice counts."""
+    if x.numel() == 0 or (isinstance(k, int) and k == x.shape[dim]):
         return x.clone() if keep_values else torch.ones(x.shape, dtype=torch.bool, device=x.device)
     key = _magnitude(x) if magnitude else x
-    if torch.compiler.is_compiling():  # one branch-free pass: no data-dependent shapes
-        values = torch.topk(key, max(k, 1) if isinstance(k, int) else n, dim, largest).values
-        kk = k if isinstance(k, int) else k.unsqueeze(dim)
-        mask = _threshold_mask(key, _kth(values, k, dim), kk, dim, largest)
-        return torch.where(mask, x, zero) if keep_values else mask
     return _write(_Selection(key, k, dim, largest), x, dim, keep_values)
 
 
@@ -419,112 +354,41 @@ def _write(sel: _Selection, x, dim: int, keep_values: bool) -> torch.Tensor:
     return out if sel.dirty is None else _repair(out, x, sel, dim, keep_values)
 
 
-def topk_mask(x: torch.Tensor, k, dim: int = -1, *, largest: bool = True, magnitude: bool = False) -> torch.Tensor:
-    """Boolean k-hot mask of the top ``k`` entries of every slice of ``x`` along ``dim``.
-
-    Args:
-        x: a real tensor (floating point or integer).
-        k: an int, or an integer tensor of per-slice counts whose shape is that of
-            ``x`` without ``dim`` (or broadcasts to it); ``0 <= k <= x.shape[dim]``.
-        dim: the dimension to select along.
-        largest: select the largest (``True``) or the smallest (``False``) entries.
-        magnitude: rank by ``|x|`` instead of ``x``.
-
-    Returns:
-        A ``torch.bool`` tensor shaped like ``x`` with exactly ``k`` True entries in every
-        slice. Ties go to the lower index; NaN ranks above ``+inf`` (see :mod:`khot.exact`).
-
-    Example:
-        >>> import torch, khot
-        >>> x = torch.tensor([[1.0, 5.0, 2.0, 5.0], [-9.0, 3.0, 0.0, 1.0]])
-        >>> khot.topk_mask(x, 2).int()
-        tensor([[0, 1, 0, 1],
-                [0, 1, 0, 1]], dtype=torch.int32)
-        >>> khot.topk_mask(x, torch.tensor([1, 3]), magnitude=True).int()
-        tensor([[0, 1, 0, 0],
-                [1, 1, 0, 1]], dtype=torch.int32)
-    """
-    shape = x.shape if isinstance(x, torch.Tensor) else None
-    x, k, dim = _prepare(x, k, dim)
-    return _mask(x, k, dim, largest, magnitude, keep_values=False).view(shape)
 
 
-def keep_topk(x: torch.Tensor, k, dim: int = -1, *, largest: bool = True, magnitude: bool = False) -> torch.Tensor:
-    """``x`` with all but the top ``k`` entries of every slice along ``dim`` set to zero.
-
-    Same arguments and ranking rules as :func:`topk_mask`. The result has the dtype and
-    device of ``x``; the gradient flows to the kept entries only.
-
-    Example:
-        >>> import torch, khot
-        >>> x = torch.tensor([-1.0, 5.0, -2.0, 8.0, -3.0, 9.0, -10.0, 7.0])
-        >>> khot.keep_topk(x, 3)
-        tensor([0., 0., 0., 8., 0., 9., 0., 7.])
-        >>> khot.keep_topk(x, 3, magnitude=True)
-        tensor([  0.,   0.,   0.,   8.,   0.,   9., -10.,   0.])
-    """
-    shape = x.shape if isinstance(x, torch.Tensor) else None
-    x, k, dim = _prepare(x, k, dim)
-    return _mask(x, k, dim, largest, magnitude, keep_values=True).view(shape)
+def _rows(x: torch.Tensor, dim: int):
+    """``x`` with at least one batch dimension (the selection cuts blocks along one), and ``dim`` in it."""
+    while x.dim() < 2:
+        x, dim = x.unsqueeze(0), dim + 1
+    return x, dim
 
 
-def select_topk(x: torch.Tensor, scores: torch.Tensor, k: int, *, sorted: bool = True):
-    """The ``k`` rows of ``x`` with the highest ``scores`` (token pruning, kNN, beam search).
-
-    Args:
-        x: a tensor of shape ``(..., n, d)``.
-        scores: a real tensor of shape ``(..., n)`` (batch dimensions must match ``x``'s).
-        k: an int, ``0 <= k <= n``.
-        sorted: if ``True`` the rows come by descending score (ties: lower index first);
-            if ``False`` they come in increasing index order.
-
-    Returns:
-        ``(values, indices)``: ``values`` of shape ``(..., k, d)`` with ``values[..., j, :] ==
-        x[..., indices[..., j], :]``, and ``indices`` of shape ``(..., k)``, int64.
-        The gradient flows to the selected rows of ``x``; ``scores`` get none.
-
-    Example:
-        >>> import torch, khot
-        >>> x = torch.arange(8.0).view(4, 2)
-        >>> values, indices = khot.select_topk(x, torch.tensor([0.1, 0.9, 0.5, 0.9]), 2)
-        >>> indices
-        tensor([1, 3])
-        >>> values
-        tensor([[2., 3.],
-                [6., 7.]])
-    """
-    check_tensor("x", x)
-    check_rows(x, scores)
-    if isinstance(k, torch.Tensor):
-        raise TypeError(f"k must be an int for select_topk (every slice keeps k rows), got a tensor of shape {tuple(k.shape)}")
-    k = check_count(k, scores.shape[-1], scores.shape[:-1], scores.device)
-    indices = _topk_indices(scores, k)
-    if sorted:
-        order = scores.gather(-1, indices).sort(dim=-1, descending=True, stable=True).indices
-        indices = indices.gather(-1, order)
-    values = x.gather(-2, indices.unsqueeze(-1).expand(*indices.shape, x.shape[-1]))
-    return values, indices
+def topk_mask(x: torch.Tensor, k: int, ks: torch.Tensor | None, dim: int, largest: bool, magnitude: bool) -> torch.Tensor:
+    """The CPU kernel of op ``khot::topk_mask`` (same signature and result as the portable path)."""
+    rows, d = _rows(x, dim)
+    return _mask(rows, k if ks is None else ks.reshape(rows.shape[:d] + rows.shape[d + 1 :]), d, largest, magnitude, False).view(x.shape)
 
 
-def _topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices ``(..., k)`` of the exact top-k of every row of ``scores``, in increasing order.
+def keep_topk(x: torch.Tensor, k: int, ks: torch.Tensor | None, dim: int, largest: bool, magnitude: bool) -> torch.Tensor:
+    """The CPU kernel of op ``khot::keep_topk``."""
+    rows, d = _rows(x, dim)
+    return _mask(rows, k if ks is None else ks.reshape(rows.shape[:d] + rows.shape[d + 1 :]), d, largest, magnitude, True).view(x.shape)
+
+
+def select_topk(scores: torch.Tensor, k: int, sorted: bool) -> torch.Tensor:
+    """The CPU kernel of op ``khot::select_topk``: indices ``(..., k)`` of the top ``k`` of every row.
 
     Straight from the candidates when they settle every row (no tensor of the size of
     ``scores`` is built); otherwise read off the exact mask of the same selection.
     """
-    if torch.compiler.is_compiling() or scores.dim() < 2 or not scores.numel():
-        return _positions(topk_mask(scores, k), k)
-    key, dim = scores.detach(), scores.dim() - 1
-    sel = _Selection(key, k, dim, True)
-    if sel.dirty is None and sel.take is None:
-        return sel.index.sort(-1).values
-    return _positions(_write(sel, key, dim, keep_values=False), k)
-
-
-def _positions(mask: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the True entries of a mask with exactly ``k`` per row, in increasing order."""
-    slot = mask.cumsum(-1) - 1
-    slot = torch.where(mask, slot, k)  # unselected entries go to a spare slot k, dropped below
-    positions = torch.arange(mask.shape[-1], device=mask.device).expand_as(mask)
-    out = torch.zeros(*mask.shape[:-1], k + 1, dtype=torch.long, device=mask.device)
-    return out.scatter(-1, slot, positions).narrow(-1, 0, k)
+    rows, dim = _rows(scores, scores.dim() - 1)
+    if not rows.numel():
+        indices = torch.zeros(rows.shape[:-1] + (k,), dtype=torch.long, device=rows.device)
+    else:
+        sel = _Selection(rows, k, dim, True)
+        if sel.dirty is None and sel.take is None:
+            indices = sel.index.sort(-1).values
+        else:
+            indices = positions(_write(sel, rows, dim, keep_values=False), k)
+    indices = indices.view(scores.shape[:-1] + (k,))
+    return best_first(scores, indices) if sorted else indices

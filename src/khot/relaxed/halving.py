@@ -37,7 +37,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from khot._checks import check_flag
-from khot.exact import _ordered
+from khot._order import _ordered
 from khot.relaxed._common import _check_mask_args, _check_select_args, _rowwise, _select_rows
 
 __all__ = ["DEFAULT_TEMPERATURE", "halving_topk", "halving_select"]
