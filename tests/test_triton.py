@@ -1,0 +1,137 @@
+"""The Triton kernels of :mod:`khot._triton`, run by Triton's interpreter on CPU tensors.
+
+``TRITON_INTERPRET=1`` must be set before the kernels are defined, so it is set here, before
+anything imports them (other test files never import triton). Every kernel is compared with
+an independent reference (a stable sort, float64 sums) and with khot's CPU path. Sizes are
+tiny: the interpreter runs a kernel as numpy code, one program at a time.
+"""
+
+import importlib
+import itertools
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton", reason="triton is not installed (pip install triton; requirements-dev.txt has it)")
+
+import khot  # noqa: E402
+
+if os.environ["TRITON_INTERPRET"] != "1" and not torch.cuda.is_available():
+    pytest.skip("TRITON_INTERPRET is set to something else than 1 and there is no GPU", allow_module_level=True)
+DEVICE = "cpu" if os.environ["TRITON_INTERPRET"] == "1" else "cuda"
+
+
+def _kernels(name):
+    """``khot._triton.<name>``, defined under the interpreter even if imported before this file."""
+    module = importlib.import_module(f"khot._triton.{name}")
+    if DEVICE == "cpu" and not isinstance(module._row_kernel, triton.runtime.interpreter.InterpretedFunction):
+        module = importlib.reload(module)
+    return module
+
+
+@pytest.fixture
+def exact_kernels(monkeypatch):
+    return _kernels("exact")
+
+
+@pytest.fixture
+def chunked(exact_kernels, monkeypatch):
+    """Shrink the on-chip row length and the chunk, so that short rows take the multi-program path."""
+    monkeypatch.setattr(exact_kernels, "ON_CHIP", 16)
+    monkeypatch.setattr(exact_kernels, "CHUNK", 8)
+
+
+def _reference(x, k, dim, largest, magnitude):
+    """The k-hot mask by a stable sort (ties: lower index first; NaN above +inf; -0.0 == 0.0)."""
+    key = x.movedim(dim, -1)
+    if magnitude:
+        key = key.double().abs() if not key.is_floating_point() else key.abs()
+    key = key.double()  # exact for every dtype here but int64 (not sorted by this reference)
+    order = torch.sort(key, dim=-1, descending=largest, stable=True).indices
+    ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(key.shape[-1]).expand_as(order))
+    kk = torch.as_tensor(k).unsqueeze(-1) if torch.is_tensor(k) else k
+    return (ranks < kk).movedim(-1, dim)
+
+
+def _specials(shape, dtype, generator):
+    values = torch.tensor([float("nan"), -float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1.0, 1.0, -1.0, 2.5, -3.0])
+    return values[torch.randint(0, len(values), shape, generator=generator)].to(dtype)
+
+
+def _same(a, b):
+    """Equal bit for bit (NaNs of the same bits, -0.0 apart from 0.0)."""
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+
+
+def _both(fn, *args, **kwargs):
+    with khot.use_backend("triton"):
+        got = fn(*args, **kwargs)
+    with khot.use_backend("cpu"):
+        want = fn(*args, **kwargs)
+    return got, want
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_masks_specials(exact_kernels, dtype):
+    """NaN of both signs, ±inf, ±0 and ties; per-row k from 0 to n; both directions, magnitude."""
+    g = torch.Generator().manual_seed(0)
+    x = _specials((4, 13), dtype, g)
+    k = torch.tensor([0, 3, 7, 13])
+    for largest, magnitude in itertools.product([True, False], repeat=2):
+        got, want = _both(khot.topk_mask, x, k, largest=largest, magnitude=magnitude)
+        assert torch.equal(got, _reference(x, k, -1, largest, magnitude)), (largest, magnitude)
+        assert torch.equal(got, want)
+    got, want = _both(khot.keep_topk, x, k, largest=False, magnitude=True)
+    assert _same(got, want)
+    assert _same(got, torch.where(_reference(x, k, -1, False, True), x, torch.zeros((), dtype=dtype)))
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int32, torch.int64, torch.uint8])
+def test_masks_integers(exact_kernels, dtype):
+    """Integer keys, the extremes included (|min| ranks above max with magnitude)."""
+    info = torch.iinfo(dtype)
+    values = torch.tensor([info.min, info.min + 1, info.max, 0, 1, 2, 7])
+    x = values[torch.randint(0, len(values), (3, 11), generator=torch.Generator().manual_seed(1))].to(dtype)
+    k = torch.tensor([1, 5, 11])
+    for largest, magnitude in [(True, False), (False, False), (True, True)]:
+        got, want = _both(khot.topk_mask, x, k, largest=largest, magnitude=magnitude)
+        assert torch.equal(got, want), (largest, magnitude)
+        if dtype != torch.int64:  # the float64 reference is exact below 2**53
+            assert torch.equal(got, _reference(x, k, -1, largest, magnitude))
+
+
+def test_masks_layouts(exact_kernels):
+    """Any dim, a non-contiguous input, a scalar k, k = 0 and k = n."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randint(-3, 4, (5, 2, 3), generator=g).float().transpose(0, 2)  # (3, 2, 5), non-contiguous
+    for dim, k in [(1, 2), (0, 0), (2, 5), (-1, 3)]:
+        got, want = _both(khot.topk_mask, x, k, dim)
+        assert torch.equal(got, want) and torch.equal(got, _reference(x, k, dim % 3, True, False)), (dim, k)
+    got, want = _both(khot.keep_topk, x, 2, 1, largest=False)
+    assert _same(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_masks_long_rows(exact_kernels, chunked, dtype):
+    """Rows split across programs: histograms added atomically, ties counted across chunks."""
+    x = _specials((2, 37), dtype, torch.Generator().manual_seed(3))
+    k = torch.tensor([17, 30])
+    got, want = _both(khot.topk_mask, x, k)
+    assert torch.equal(got, want) and torch.equal(got, _reference(x, k, -1, True, False))
+    got, want = _both(khot.keep_topk, x.t(), 9, 0, largest=False)  # dim 0 of a transposed view
+    assert _same(got, want)
+
+
+def test_select_topk(exact_kernels, chunked):
+    """Indices written by the kernels straight from the selection, one program and several."""
+    x = torch.randn(2, 37, 3)
+    scores = torch.randint(0, 5, (2, 37)).float()
+    scores[0, 3] = float("nan")
+    for n, k in [(12, 5), (37, 20)]:  # one program per row, then chunks
+        for sorted in (True, False):
+            (values, got), (_, want) = _both(khot.select_topk, x[:, :n], scores[:, :n], k, sorted=sorted)
+            assert torch.equal(got, want), (n, k, sorted)
+            assert torch.equal(values, x[:, :n].gather(1, got.unsqueeze(-1).expand(-1, -1, 3)))
