@@ -1,0 +1,95 @@
+"""MkDocs hooks: pages include text that lives elsewhere (README, CHANGELOG, the saved benchmark report,
+the registry's table of methods) through ``<!-- khot:... -->`` markers, so that nothing is copied by hand."""
+
+from __future__ import annotations
+
+import pathlib
+import posixpath
+import re
+
+from mkdocs.exceptions import PluginError
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+REPORT = "report-example/report.md"  # relative to docs/
+MARKER = re.compile(r"<!-- khot:(?P<what>[\w-]+)(?: (?P<arg>[^>]*?))? -->")
+
+
+def _section(text: str, heading: str, source: str) -> str:
+    """The body of the section whose heading is ``heading`` (up to the next heading of its level or above)."""
+    match = re.search(rf"^(#+) {re.escape(heading)}\s*$", text, re.M)
+    if match is None:
+        raise PluginError(f"docs: {source} has no heading {heading!r} (a page includes that section)")
+    level = len(match[1])
+    end = re.compile(rf"^#{{1,{level}}} ", re.M).search(text, match.end())
+    return text[match.end() : end.start() if end else len(text)].strip("\n")
+
+
+def _demote(text: str, levels: int) -> str:
+    return re.sub(r"^(#+) ", lambda m: "#" * min(6, len(m[1]) + levels) + " ", text, flags=re.M)
+
+
+def _relink(text: str, source_dir: str, page_dir: str) -> str:
+    """Rewrite relative links of text written in ``source_dir`` (docs-relative) for a page in ``page_dir``."""
+
+    def fix(match: re.Match) -> str:
+        target = match[2]
+        if re.match(r"[a-z]+:|#|/", target):
+            return match[0]
+        return f"{match[1]}({posixpath.relpath(posixpath.normpath(posixpath.join(source_dir, target)), page_dir or '.')})"
+
+    return re.sub(r"(!?\[[^\]]*\])\(([^)\s]+)\)", fix, text)
+
+
+def _expand(match: re.Match, page_dir: str) -> str:
+    what, arg = match["what"], (match["arg"] or "").strip()
+    if what in ("readme-intro", "readme-section"):  # the intro: from the line after the title to the first section
+        text = (ROOT / "README.md").read_text(encoding="utf-8")
+        body = _section(text, arg, "README.md") if arg else text.split("\n", 1)[1].split("\n## ", 1)[0].strip("\n")
+        body = re.sub(r"\]\(docs/", "](", body)  # README links into docs/ are links within the site
+        return _relink(body, "", page_dir)
+    if what == "changelog":
+        return _demote((ROOT / "CHANGELOG.md").read_text(encoding="utf-8").split("\n", 1)[1].strip("\n"), 0)
+    if what == "report-section":
+        text = (ROOT / "docs" / REPORT).read_text(encoding="utf-8")
+        body = _relink(_section(text, arg, REPORT), posixpath.dirname(REPORT), page_dir)
+        return _demote(body, 1)
+    if what == "methods-table":
+        from khot.relaxed.registry import markdown_table
+
+        return markdown_table()
+    raise PluginError(f"docs: unknown marker khot:{what}")
+
+
+def on_page_markdown(markdown: str, page, config, files) -> str:
+    page_dir = posixpath.dirname(page.file.src_uri)
+    return MARKER.sub(lambda m: _expand(m, page_dir), markdown)
+
+
+try:  # the same file is loaded by mkdocstrings as a Griffe extension (see mkdocs.yml)
+    import griffe
+except ImportError:  # pragma: no cover
+    griffe = None
+
+if griffe is not None:
+    _DOCTEST = re.compile(r"(?m)^(?P<indent>[ \t]*)>>> .*\n(?:(?P=indent)(?!\s*$).*(?:\n|$))*")
+
+    _ROLE = re.compile(r":(?:func|class|meth|mod|attr|data|exc|obj):`~?([^`]+)`")
+
+    class DoctestBlocks(griffe.Extension):
+        """Render every docstring example (``>>>`` lines and their output) as a code block, also
+        outside an "Example:" section, so that example output such as ``[0.1, 0.2]`` is not
+        read as Markdown; Sphinx roles (``:func:`name```) become inline code."""
+
+        def on_instance(self, *, obj, **kwargs) -> None:
+            doc = obj.docstring
+            if doc is None:
+                return
+            doc.value = _ROLE.sub(r"``\1``", doc.value)
+            if ">>> " not in doc.value:
+                return
+
+            def fence(match: re.Match) -> str:
+                indent, block = match["indent"], match[0].rstrip("\n")
+                return f"{indent}```pycon\n{block}\n{indent}```\n"
+
+            doc.value = _DOCTEST.sub(fence, doc.value)
