@@ -27,7 +27,8 @@ DEVICE = "cpu" if os.environ["TRITON_INTERPRET"] == "1" else "cuda"
 def _kernels(name):
     """``khot._triton.<name>``, defined under the interpreter even if imported before this file."""
     module = importlib.import_module(f"khot._triton.{name}")
-    if DEVICE == "cpu" and not isinstance(module._row_kernel, triton.runtime.interpreter.InterpretedFunction):
+    compiled = [f for f in vars(module).values() if isinstance(f, triton.runtime.JITFunction)]
+    if DEVICE == "cpu" and compiled:  # defined before TRITON_INTERPRET was set: define them again
         module = importlib.reload(module)
     return module
 
@@ -135,3 +136,43 @@ def test_select_topk(exact_kernels, chunked):
             (values, got), (_, want) = _both(khot.select_topk, x[:, :n], scores[:, :n], k, sorted=sorted)
             assert torch.equal(got, want), (n, k, sorted)
             assert torch.equal(values, x[:, :n].gather(1, got.unsqueeze(-1).expand(-1, -1, 3)))
+
+
+def _sigmoid_reference(x, k, tau):
+    """The float64 solution by plain bisection of the threshold (200 halvings: to the last bit)."""
+    x = x.double()
+    lo = torch.full(x.shape[:-1], -1e4, dtype=torch.float64)
+    hi = torch.full(x.shape[:-1], 1e4, dtype=torch.float64)
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        above = torch.sigmoid((x - mid.unsqueeze(-1)) / tau).sum(-1) > k
+        lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
+    return torch.sigmoid((x - lo.unsqueeze(-1)) / tau)
+
+
+@pytest.fixture
+def sigmoid_kernels():
+    return _kernels("sigmoid")
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy meets inf - inf on purpose
+@pytest.mark.parametrize("block", [4096, 16])  # one block held in registers; rows read block by block
+def test_sigmoid_forward(sigmoid_kernels, monkeypatch, block):
+    """Within 2e-6 of the float64 solution (float32; float64: 1e-9, as |Σ p - k| <= 5e-10 max(1, k)); the same as the CPU path."""
+    monkeypatch.setattr(sigmoid_kernels, "BLOCK", block)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 40, generator=g)
+    x[1, 5], x[1, 7] = float("inf"), -float("inf")
+    k = torch.tensor([0.5, 6.0, 39.0])
+    cases = [(torch.float32, 2e-6), (torch.float64, 1e-9)]
+    for dtype, tol in cases if block > 16 else cases[:1]:  # the interpreter is slow
+        for tau in (1.0, 0.05) if block > 16 else (0.05,):
+            got, want = _both(khot.sigmoid_topk, x.to(dtype), k.to(dtype), temperature=tau)
+            assert (got.double() - _sigmoid_reference(x, k.double(), tau)).abs().max() <= tol, (dtype, tau)
+            assert (got.double() - want.double()).abs().max() <= tol
+    if block == 16:
+        return
+    got, want = _both(khot.sigmoid_topk, x[:2].bfloat16(), torch.tensor([0.0, 40.0]))  # k = 0 and k = n
+    assert torch.equal(got, want) and torch.equal(got[0], torch.zeros(40, dtype=torch.bfloat16))
+    got, want = _both(khot.sigmoid_topk, x.t().contiguous().t().half(), 3.0)  # a non-contiguous half input
+    assert (got.float() - want.float()).abs().max() <= 1e-3

@@ -14,7 +14,12 @@ from collections.abc import Callable
 __all__ = ["kernel", "why_not"]
 
 # op name -> module of this package that defines a function of that name
-_MODULES: dict[str, str] = {"topk_mask": "exact", "keep_topk": "exact", "select_topk": "exact"}
+_MODULES: dict[str, str] = {
+    "topk_mask": "exact",
+    "keep_topk": "exact",
+    "select_topk": "exact",
+    "sigmoid_topk_forward": "sigmoid",
+}
 
 _errors: dict[str, str] = {}
 

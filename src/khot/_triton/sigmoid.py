@@ -1,0 +1,168 @@
+"""Triton kernel of sigmoid top-k's solver: every row solved on-chip by one program.
+
+The op ``khot::sigmoid_topk_forward(x, k, inv_tau)`` (see :mod:`khot.relaxed.sigmoid`) returns
+``p = sigmoid((x - t) r)`` with ``r = 1 / τ`` and the threshold ``t`` of each row solving
+``Σ p = k``. One program per row runs the same safeguarded solver as the CPU path, with the
+same stopping rule and accuracy, but its loop exits per row (no host synchronisation):
+
+* one pass for the start and the bracket: ``Σ x``, ``Σ x²``, ``min x`` and ``max x`` (float64);
+  the probit start ``t = x̄ - logit(k / n) sqrt(1 + π s² r² / 8) / r`` and the bracket
+  ``[min x, max x] - logit(k / n) / r``;
+* then per evaluation one pass for ``f = Σ p`` and ``w = Σ p (1 - p)``, summed in float64 (float32
+  inputs are evaluated as ``((x - t_hi) - t_lo) r`` with ``t = t_hi + t_lo`` split into a
+  float32 head and tail, as on the CPU); a Newton step in ``u = e^{-t r}`` taken when it stays
+  inside the bracket and is at most half the previous one (at most ``NEWTON``), else a bisection
+  of the bracket on the bit pattern of its float64 ends; the row is done when
+  ``|f - k| <= tol_w w + tol_k max(1, k)`` or its bracket holds adjacent doubles;
+* a last pass writes ``p`` once.
+
+That is at most ``1 + NEWTON + 64`` evaluations (typically 2-3); a row that has not stopped by
+then (it cannot happen) is written as NaN rather than returned unconverged. Rows of up to
+``BLOCK`` elements are loaded once and stay in registers; longer rows are read block by block
+on every pass.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = ["sigmoid_topk_forward"]
+
+BLOCK = 4096  # elements per block (tests shrink it to exercise rows read block by block)
+NEWTON = 12  # Newton steps per row at most (as the CPU path)
+_MAX = tl.constexpr(torch.finfo(torch.float64).max)
+_R32 = tl.constexpr(2.0**126)  # as khot.relaxed.sigmoid: 1 / τ is clamped here in float32 work
+_F32 = tl.constexpr(2.0**127)  # float32 work clamps the threshold and its tail here
+_LOW = tl.constexpr(0x7FFFFFFFFFFFFFFF)
+_PI_8 = tl.constexpr(0.39269908169872414)  # π / 8
+
+
+@triton.jit
+def _p(x, t, r, F64: tl.constexpr):
+    """``sigmoid((x - t) r)`` of a block: float64, or float32 with the threshold split in two."""
+    if F64:
+        z = (x - t) * r
+        return 1.0 / (1.0 + tl.exp(-z))
+    t_hi = tl.minimum(tl.maximum(t, -_F32), _F32).to(tl.float32)
+    t_lo = tl.minimum(tl.maximum((t - t_hi.to(tl.float64)) * r, -_F32), _F32).to(tl.float32)
+    r32 = tl.minimum(r, _R32).to(tl.float32)
+    return tl.sigmoid((x - t_hi) * r32 - t_lo)
+
+
+@triton.jit
+def _load(x_row, start, n, stride, F64: tl.constexpr, BLOCK: tl.constexpr):
+    cols = start + tl.arange(0, BLOCK)
+    valid = cols < n
+    x = tl.load(x_row + cols.to(tl.int64) * stride, mask=valid, other=0.0)
+    return x.to(tl.float64) if F64 else x.to(tl.float32), cols, valid
+
+
+@triton.jit
+def _key(t):
+    """Order-preserving int64 key of a float64 (an involution)."""
+    bits = t.to(tl.int64, bitcast=True)
+    return bits ^ ((bits >> 63) & _LOW)
+
+
+@triton.jit
+def _forward_kernel(
+    x_ptr, k_ptr, r_ptr, out_ptr, n, stride_row, stride_col,
+    TOL_W: tl.constexpr, TOL_K: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr, EVALUATIONS: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_row
+    k = tl.load(k_ptr + row)
+    r = tl.load(r_ptr + row)
+    nf = tl.cast(n, tl.float64)
+    edge = (k <= 0) | (k >= nf)
+    target = tl.where(edge, nf / 2, k)
+    # start and bracket: one pass
+    total = tl.zeros((), dtype=tl.float64)
+    squares = tl.zeros((), dtype=tl.float64)
+    low = tl.full((), float("inf"), tl.float64)
+    high = tl.full((), -float("inf"), tl.float64)
+    if ONE_BLOCK:
+        xs, cols, valid = _load(x_row, 0, n, stride_col, F64, BLOCK)
+    for start in range(0, n, BLOCK):
+        if not ONE_BLOCK:
+            xs, cols, valid = _load(x_row, start, n, stride_col, F64, BLOCK)
+        x = xs.to(tl.float64)
+        total += tl.sum(tl.where(valid, x, 0.0), 0)
+        squares += tl.sum(tl.where(valid, x * x, 0.0), 0)
+        low = tl.minimum(low, tl.min(tl.where(valid, x, float("inf")), 0))
+        high = tl.maximum(high, tl.max(tl.where(valid, x, -float("inf")), 0))
+    logit = tl.log(target / (nf - target))
+    mean = total / nf
+    spread = tl.sqrt(1.0 + tl.maximum(squares / nf - mean * mean, 0.0) * r * r * _PI_8)
+    t = mean - logit * spread / r
+    t = tl.where(tl.abs(t) <= _MAX, t, 0.0)  # ±inf or NaN in the row
+    lo = tl.maximum(low - logit / r, -_MAX)
+    hi = tl.minimum(high - logit / r, _MAX)
+    lo = tl.where(lo == lo, lo, -_MAX)
+    hi = tl.where(hi == hi, hi, _MAX)
+    tol = TOL_K * tl.maximum(target, 1.0)
+    previous = tl.full((), float("inf"), tl.float64)
+    newton = tl.zeros((), dtype=tl.int32)
+    evaluation = tl.zeros((), dtype=tl.int32)
+    going = tl.full((), True, tl.int1)
+    while going:
+        f = tl.zeros((), dtype=tl.float64)
+        w = tl.zeros((), dtype=tl.float64)
+        for start in range(0, n, BLOCK):
+            if not ONE_BLOCK:
+                xs, cols, valid = _load(x_row, start, n, stride_col, F64, BLOCK)
+            p = tl.where(valid, _p(xs, t, r, F64), 0.0).to(tl.float64)
+            f += tl.sum(p, 0)
+            w += tl.sum(p * (1.0 - p), 0)
+        gap = target - f
+        hi = tl.where(gap > 0, t, hi)  # f decreases in t
+        lo = tl.where(gap < 0, t, lo)
+        done = ~(tl.abs(gap) > TOL_W * w + tol)  # NaN rows are done
+        # Newton in u = exp(-t r): a step log1p(|gap| / w) in -t r, never past the root
+        step = -tl.where(gap > 0, 1.0, -1.0) * tl.log(1.0 + tl.abs(gap) / w) / r
+        new = t + step
+        good = (new > lo) & (new < hi) & (tl.abs(step) <= previous / 2) & (newton < NEWTON)
+        a = _key(lo)
+        b = _key(hi)
+        middle = (a >> 1) + (b >> 1) + (a & b & 1)  # floor of the mean, without overflow
+        adjacent = (middle == a) | (middle == b)
+        mid = _key(middle).to(tl.float64, bitcast=True)
+        evaluation += 1
+        going = ~(done | adjacent) & (evaluation < EVALUATIONS)
+        move = going & good
+        t = tl.where(going, tl.where(good, new, mid), t)
+        previous = tl.where(move, tl.abs(step), float("inf"))
+        newton += move.to(tl.int32)
+    failed = ~(done | adjacent)  # never reached: the bisection alone ends within 64 evaluations
+    for start in range(0, n, BLOCK):
+        if not ONE_BLOCK:
+            xs, cols, valid = _load(x_row, start, n, stride_col, F64, BLOCK)
+        p = _p(xs, t, r, F64)
+        p = tl.where(edge, (k / nf).to(p.dtype), p)
+        p = tl.where(failed, float("nan"), p)
+        tl.store(out_ptr + row * n + cols, p.to(out_ptr.dtype.element_ty), mask=valid)
+
+
+def sigmoid_topk_forward(x: Tensor, k: Tensor, inv_tau: Tensor) -> Tensor:
+    """The op ``khot::sigmoid_topk_forward`` (see :mod:`khot.relaxed.sigmoid`): ``x`` is
+    ``(..., n)``; ``k`` and ``inv_tau`` are float64 per slice. Returns ``p`` in ``x``'s dtype."""
+    n = x.shape[-1]
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    rows = out.numel() // n
+    x2 = x.reshape(rows, n)
+    k = k.to(torch.float64).reshape(rows).contiguous()
+    r = inv_tau.to(torch.float64).reshape(rows).contiguous()
+    f64 = x.dtype == torch.float64
+    tol_w, tol_k = (0.0, 5e-10) if f64 else (4e-6, 0.0)
+    block = min(BLOCK, triton.next_power_of_2(n))
+    _forward_kernel[(rows,)](
+        x2, k, r, out, n, x2.stride(0), x2.stride(1),
+        TOL_W=tol_w, TOL_K=tol_k, F64=f64, BLOCK=block, ONE_BLOCK=n <= block, EVALUATIONS=1 + NEWTON + 64, num_warps=4 if block <= 1024 else 8,
+    )  # fmt: skip
+    return out
+
