@@ -57,6 +57,16 @@ def _expand(match: re.Match, page_dir: str) -> str:
         from khot.relaxed.registry import markdown_table
 
         return markdown_table()
+    if what == "method-functions":  # the functions behind every registered method, with their options
+        import khot
+
+        parts = []
+        for m in khot.methods():
+            parts.append(f"### `{m.name}`\n\n{m.summary[:1].upper()}{m.summary[1:]}. {m.reference}.\n")
+            for fn in (m.mask, m.select):
+                if fn is not None:
+                    parts.append(f"::: {fn.__module__}.{fn.__qualname__}\n    options:\n      heading_level: 4\n")
+        return "\n".join(parts)
     raise PluginError(f"docs: unknown marker khot:{what}")
 
 
