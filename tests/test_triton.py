@@ -176,3 +176,35 @@ def test_sigmoid_forward(sigmoid_kernels, monkeypatch, block):
     assert torch.equal(got, want) and torch.equal(got[0], torch.zeros(40, dtype=torch.bfloat16))
     got, want = _both(khot.sigmoid_topk, x.t().contiguous().t().half(), 3.0)  # a non-contiguous half input
     assert (got.float() - want.float()).abs().max() <= 1e-3
+
+
+@pytest.fixture
+def router_kernels():
+    return _kernels("router")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_router(router_kernels, dtype):
+    """Weights, indices and counts as the eager sequence (softmax or sigmoid, top k with ties to
+    the lower expert, renormalise, count); indices also as torch.topk of the float64 scores."""
+    from khot.nn._router_op import router_topk
+
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(6, 24, generator=g).to(dtype)
+    logits[0, :4] = 5.0  # tied best experts
+    for softmax, renormalize in [(True, True), (False, False)]:
+        (w, i, c), (w0, i0, c0) = _both(router_topk, logits, 3, softmax, renormalize)
+        assert torch.equal(i, i0) and torch.equal(c, c0), (softmax, renormalize)
+        assert torch.equal(c, torch.bincount(i.flatten(), minlength=24))
+        torch.testing.assert_close(w, w0, rtol=1e-6 if dtype == torch.float32 else 2e-2, atol=0)  # bf16: a few ulps (eager rounds twice)
+    scores = logits[1:].double().softmax(-1)
+    if dtype == torch.float32:
+        assert torch.equal(i[1:], torch.topk(scores.float(), 3).indices)
+    assert torch.equal(i[0], torch.tensor([0, 1, 2]))
+
+
+def test_router_gradient():
+    from khot.nn._router_op import router_topk
+
+    logits = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda z: router_topk(z, 2, True, True)[0], (logits,))
