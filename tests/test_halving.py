@@ -15,7 +15,10 @@ def reference(E: list[list[float]], v: list[float], k: int, tau: float, publishe
     Extension beyond n/k a power of two (the documented rule): a round on m
     candidates makes p = m - max(k, ceil(m/2)) merges; the best m - 2p pass
     through and the rest pair best-with-worst.  When n/k is a power of two, p = m/2.
+    With k == n (no rounds) the rows come sorted by score, best first.
     """
+    if len(v) == k:
+        return [E[i] for i in sorted(range(k), key=lambda i: -v[i])]
     while len(v) > k:
         m = len(v)
         p = m - max(k, (m + 1) // 2)
@@ -94,8 +97,8 @@ def test_any_size_gives_k_rows_and_sharp_limit_is_exact(n, k):
     torch.testing.assert_close(mask.sum(-1), torch.full((4,), float(k)))
     top, exact = exact_topk(x, s, k)
     sharp = halving_select(x, s, k, temperature=1e-5)  # score gaps are >= 1/n
-    # exact rows, in descending score order (k == n: the input rows as given)
-    torch.testing.assert_close(sharp, x if k == n else top, atol=1e-4, rtol=0)
+    # exact rows, in descending score order (k == n too)
+    torch.testing.assert_close(sharp, top, atol=1e-4, rtol=0)
     torch.testing.assert_close(halving_topk(s, k, temperature=1e-5), exact, atol=1e-4, rtol=0)
     assert nccs(sharp, top).min() > 0.9999
     if k < n:  # not trivially exact

@@ -27,7 +27,7 @@ def test_masked_rows_never_make_nan_in_selection(method):
 
 @pytest.mark.parametrize("method", ["halving", "iterative", "counting"])
 def test_one_temperature_per_call(method):
-    with pytest.raises(TypeError, match="temperature must be a float for this method"):
+    with pytest.raises(TypeError, match="temperature must be a float or a one-element tensor for this method"):
         khot.soft_topk(torch.randn(2, 5), 2, method=method, temperature=torch.tensor([0.1, 2.0]))
     one = khot.soft_topk(torch.randn(2, 5), 2, method=method, temperature=torch.tensor(0.5))
     assert one.shape == (2, 5)

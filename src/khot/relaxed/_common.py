@@ -20,10 +20,13 @@ def _compute_dtype(*tensors: Tensor) -> torch.dtype:
     return dtype
 
 
-def _check_k(k, n: int, batch_shape: torch.Size, device: torch.device, *, per_row: bool = False):
-    """A count ``1 <= k <= n``; a per-row tensor only where ``per_row``."""
+def _check_k(k, n: int, batch_shape: torch.Size, device: torch.device, what: str, *, per_row: bool = False):
+    """A count ``1 <= k <= n``; a per-row tensor only where ``per_row``. ``what`` names the
+    dimension of size ``n`` in the error when it is empty."""
     if isinstance(k, Tensor) and not per_row:
         raise TypeError(f"k must be a Python int for this method, got a tensor of shape {tuple(k.shape)}")
+    if n == 0:
+        raise ValueError(f"{what} has size 0: there are no items to select k of")
     return check_count(k, n, batch_shape, device, low=1)
 
 
@@ -34,25 +37,30 @@ def _check_mask_args(scores, k, dim, temperature, *, per_row: bool = False):
         raise ValueError("scores must have at least one dimension, got a 0-d tensor")
     dim = normalize_dim(dim, scores.dim())
     batch_shape = scores.shape[:dim] + scores.shape[dim + 1 :]
-    k = _check_k(k, scores.shape[dim], batch_shape, scores.device, per_row=per_row)
+    what = f"dimension dim={dim} of scores (shape {tuple(scores.shape)})"
+    k = _check_k(k, scores.shape[dim], batch_shape, scores.device, what, per_row=per_row)
     return dim, k, _scalar_temperature(temperature)
 
 
-def _check_select_args(x, scores, k, temperature) -> tuple[int, float]:
+def _check_select_args(x, scores, k, temperature):
     """Validate ``x (..., n, d)``, ``scores (..., n)``, ``k`` and ``temperature``."""
     check_tensor("x", x, floating=True)
     check_rows(x, scores)
-    k = _check_k(k, x.shape[-2], x.shape[:-2], x.device)
+    k = _check_k(k, x.shape[-2], x.shape[:-2], x.device, f"the row dimension of x (shape {tuple(x.shape)}, n = x.shape[-2])")
     return k, _scalar_temperature(temperature)
 
 
-def _scalar_temperature(temperature) -> float:
-    """These methods take one temperature for all slices: a positive float (or a one-element tensor)."""
-    if isinstance(temperature, Tensor) and temperature.numel() != 1:
-        raise TypeError(
-            f"temperature must be a float for this method (one for all slices), got a tensor of shape {tuple(temperature.shape)}"
-        )
-    return check_positive("temperature", float(temperature) if isinstance(temperature, Tensor) else temperature)
+def _scalar_temperature(temperature):
+    """These methods take one temperature for all slices: a positive float, or a one-element
+    floating tensor, returned 0-d (never read on the host: it stays differentiable and traceable)."""
+    if isinstance(temperature, Tensor):
+        if temperature.numel() != 1:
+            raise TypeError(
+                "temperature must be a float or a one-element tensor for this method (one for all slices), "
+                f"got a tensor of shape {tuple(temperature.shape)}"
+            )
+        temperature = temperature.reshape(())
+    return check_positive("temperature", temperature)
 
 
 def _rowwise(fn: Callable[[Tensor], Tensor], scores: Tensor, dim: int) -> Tensor:

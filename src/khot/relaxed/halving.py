@@ -19,7 +19,14 @@ exactly ``k`` candidates remain after ``ceil(log2(n/k))`` rounds.  When ``n/k`` 
 a power of two every round has ``q = 0`` and this is the paper's Algorithm 2,
 output for output.  In the sharp limit every merge keeps the better candidate,
 so each round keeps exactly the current top ``max(k, ceil(m/2))``: the result
-tends to the exact top-k, in descending score order.
+tends to the exact top-k, in descending score order.  With ``k == n`` there are no
+rounds and the rows come sorted, best first.
+
+Infinite scores are decided without arithmetic on the infinity, so values and
+gradients stay finite: ``+inf`` beats every finite score and ``-inf`` (a masked item)
+loses to every one; equal scores, infinite ones included, tie and split 1/2 each.
+So a row with fewer than ``k`` finite (or ``+inf``) scores fills its remaining slots
+with its ``-inf`` items, which share those slots' weight equally.
 
 By linearity every output row is a weighted sum of the input rows that ended in
 its slot, with weights the products of the pair weights along each path.  Only
@@ -34,7 +41,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from khot._checks import check_flag
 from khot._order import _ordered
@@ -66,17 +72,33 @@ def _sort_descending(s: Tensor) -> tuple[Tensor, Tensor]:
     return s.gather(1, order), order
 
 
-def _pair_weights(s_hi: Tensor, s_lo: Tensor, temperature: float, published: bool) -> Tensor:
-    """Weight of the better member of each pair: ``sigmoid((s_hi - s_lo) / τ)``, or with
-    ``published`` the public code's ``sigmoid(b**s_hi - b**s_lo)``, ``b = e**(1/τ)``."""
-    diff = torch.where(s_hi == s_lo, 0, s_hi - s_lo)  # -inf vs -inf: a tie
-    if not published:
-        return torch.sigmoid(diff / temperature)
-    gap = torch.exp(s_lo / temperature) * torch.expm1(diff / temperature)  # b**s_hi - b**s_lo
-    return torch.sigmoid(torch.where(gap.isnan(), diff, gap))  # inf * 0: the sign decides
+def _pair_weights(s_hi: Tensor, s_lo: Tensor, temperature, published: bool) -> tuple[Tensor, Tensor]:
+    """Weights of each pair's better member and the merged scores, for ``s_hi >= s_lo``.
+
+    The weight is ``sigmoid((s_hi - s_lo) / τ)``, or with ``published`` the public code's
+    ``sigmoid(b**s_hi - b**s_lo)``, ``b = e**(1/τ)``, evaluated in log space (no overflow of
+    ``b**s``). A pair with an infinite member is decided without arithmetic on the infinity (so
+    gradients stay finite): equal infinities tie (1/2 each, the merged score that infinity), any
+    other pair goes to the better member, whose score the merged one keeps.
+    """
+    finite = s_hi.isfinite() & s_lo.isfinite()
+    hi, lo = torch.where(finite, s_hi, 0), torch.where(finite, s_lo, 0)
+    u = (hi - lo) / temperature  # >= 0
+    if published:  # b**s_hi - b**s_lo = exp(a) expm1(u) with a = s_lo / τ, directly while that fits
+        a = lo / temperature
+        small = (a <= 40) & (u <= 40)
+        direct = torch.exp(torch.where(small, a, 0)) * torch.expm1(torch.where(small, u, 0))
+        u_pos = torch.where(small | (u <= 0), 1, u)  # log(expm1(u)) = u + log(-expm1(-u)), stable for u > 40
+        log_gap = torch.where(small, 0, a) + u_pos + torch.log(-torch.expm1(-u_pos))
+        far = torch.where(u > 0, torch.exp(log_gap.clamp(max=50)), 0)  # sigmoid(e**50) is 1 in float64
+        u = torch.where(small, direct, far)
+    tie = torch.where(s_hi == s_lo, 0.5, 1.0).to(s_hi.dtype)
+    w_hi = torch.where(finite, torch.sigmoid(u), tie)
+    mixed = torch.where(finite, lo + w_hi * (hi - lo), s_hi)
+    return w_hi, mixed
 
 
-def _tournament(s: Tensor, k: int, temperature: float, published: bool = False) -> tuple[Tensor, Tensor]:
+def _tournament(s: Tensor, k: int, temperature: float | Tensor, published: bool = False) -> tuple[Tensor, Tensor]:
     """Play the tournament on ``s (N, n)``.
 
     Returns ``members`` (int64) and ``weights``, both ``(N, k, g)``: row ``j`` lists the
@@ -95,16 +117,14 @@ def _tournament(s: Tensor, k: int, temperature: float, published: bool = False) 
         # (a merged pair mostly keeps its better member's place), which a row sort does fast
         s, order = _sort_descending(s) if m == n else s.sort(dim=-1, descending=True, stable=True)
         s_hi, s_lo = s[:, q : q + p], s[:, q + p :].flip(-1)
-        w_hi = _pair_weights(s_hi, s_lo, temperature, published)
-        w_lo = 1 - w_hi
-        # a weight of 0 must not meet an infinite score (0 * -inf is NaN): masked items stay -inf
-        mixed = torch.where(w_lo == 0, s_hi, torch.where(w_hi == 0, s_lo, w_hi * s_hi + w_lo * s_lo))
+        w_hi, mixed = _pair_weights(s_hi, s_lo, temperature, published)
         s = torch.cat([s[:, :q], mixed], dim=1) if q else mixed
         rounds.append((order, w_hi, q, m))
         m -= p
     # survivor j of a round is sorted candidate j of the round before (the better of its pair,
     # or passed through when j < q), merged with sorted candidate m - 1 - (j - q) when j >= q
-    members = torch.arange(k, device=s.device).expand(N, k).unsqueeze(-1)
+    # k == n: no rounds, the inputs best first (the sharp limit of every other k)
+    members = (torch.arange(k, device=s.device).expand(N, k) if rounds else _sort_descending(s)[1]).unsqueeze(-1)
     weights = torch.ones(N, k, 1, dtype=s.dtype, device=s.device)
     padded = False
     for order, w_hi, q, m in reversed(rounds):
@@ -134,11 +154,11 @@ def _input_positions(members: Tensor, n: int) -> Tensor:
 def _by_input(at: Tensor, values: Tensor, n: int) -> Tensor:
     """Per-member ``values`` (``(N, k, g)`` or flattened) placed at their inputs ``at`` of
     :func:`_input_positions`: ``(N, n)``, zeros where nothing lands, the spare column dropped."""
-    return values.new_zeros(at.shape[0], n + 1).scatter_(1, at, values.flatten(1))[:, :n]
+    return values.new_zeros(at.shape[0], n + 1).scatter(1, at, values.flatten(1))[:, :n]
 
 
 def halving_topk(
-    scores: Tensor, k: int, dim: int = -1, *, temperature: float = DEFAULT_TEMPERATURE, published_weights: bool = False
+    scores: Tensor, k: int, dim: int = -1, *, temperature: float | Tensor = DEFAULT_TEMPERATURE, published_weights: bool = False
 ) -> Tensor:
     """Relaxed k-hot mask by successive halving.
 
@@ -150,7 +170,8 @@ def halving_topk(
         scores: floating tensor of any shape; selection runs along ``dim``.
         k: number of slots, ``1 <= k <= scores.shape[dim]``.
         dim: the dimension to select along (negative counts from the end).
-        temperature: pair softmax temperature, ``1 / ln(base)`` of the paper.
+        temperature: pair softmax temperature, ``1 / ln(base)`` of the paper: a float or a
+            one-element tensor (differentiable).
         published_weights: pair weights as the public code computes them (softmax of
             ``base**score``, level-dependent; see the module docstring), not by score difference.
 
@@ -171,7 +192,7 @@ def halving_topk(
 
 
 def halving_select(
-    x: Tensor, scores: Tensor, k: int, *, temperature: float = DEFAULT_TEMPERATURE, published_weights: bool = False
+    x: Tensor, scores: Tensor, k: int, *, temperature: float | Tensor = DEFAULT_TEMPERATURE, published_weights: bool = False
 ) -> Tensor:
     """Soft-select ``k`` rows of ``x`` by successive halving on ``scores``.
 
@@ -179,13 +200,14 @@ def halving_select(
         x: rows, shape ``(..., n, d)``.
         scores: one score per row, shape ``(..., n)``.
         k: rows to return, ``1 <= k <= n``.
-        temperature: pair softmax temperature, ``1 / ln(base)`` of the paper.
+        temperature: pair softmax temperature, ``1 / ln(base)`` of the paper (a float or a one-element tensor).
         published_weights: pair weights as the public code computes them (see :func:`halving_topk`).
 
     Returns:
         ``(..., k, d)``: the tournament's ``k`` survivors, each a convex combination
         of input rows, in descending score order in the sharp limit (for ``k == n``
-        the input rows unchanged).  Differentiable w.r.t. ``x`` and ``scores``.  The
+        the input rows sorted by score, best first).  Differentiable w.r.t. ``x``,
+        ``scores`` and a tensor ``temperature``, twice too.  The
         rows are combined by ``embedding_bag`` (one weighted read of each input row);
         the backward gathers the output gradient back to the input rows (no atomics).
 
@@ -218,15 +240,11 @@ class _PoolSlots(torch.autograd.Function):
     @staticmethod
     def forward(x: Tensor, weights: Tensor, members: Tensor) -> Tensor:
         N, n, d = x.shape
-        k = members.shape[1]
-        rows = members + n * torch.arange(N, device=x.device).view(N, 1, 1)
-        if members.numel() == N * n:  # no padding: bags of equal size
-            rows, weights, offsets = rows.flatten(0, 1), weights.flatten(0, 1), None
-        else:
-            keep = members >= 0
-            counts = keep.sum(-1).flatten()
-            rows, weights, offsets = rows[keep], weights[keep], counts.cumsum(0) - counts
-        return F.embedding_bag(rows, x.reshape(N * n, d), offsets, mode="sum", per_sample_weights=weights).view(N, k, d)
+        k, g = members.shape[1:]
+        # padding reads its slot's first member (always a real one) with weight 0: bags of equal size
+        rows = torch.where(members >= 0, members, members[..., :1]) + n * torch.arange(N, device=x.device).view(N, 1, 1)
+        rows, weights = rows.view(N * k, g), weights.reshape(N * k, g)
+        return F.embedding_bag(rows, x.reshape(N * n, d), mode="sum", per_sample_weights=weights).view(N, k, d)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -234,8 +252,8 @@ class _PoolSlots(torch.autograd.Function):
         ctx.save_for_backward(x, weights, members)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad: Tensor):
+        # made of differentiable ops, out of place: double backward is autograd's own
         x, weights, members = ctx.saved_tensors
         N, n, d = x.shape
         k, g = members.shape[1:]
@@ -249,5 +267,5 @@ class _PoolSlots(torch.autograd.Function):
             grad_weights = per_row.gather(1, at).view_as(weights)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = gathered.mul_(_by_input(at, weights, n).unsqueeze(-1))
+            grad_x = gathered * _by_input(at, weights, n).unsqueeze(-1)
         return grad_x, grad_weights, None
