@@ -81,16 +81,28 @@ Guarantees (all designs): exactly the stated number of ones per slice; items wit
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-from ._checks import check_choice, check_tensor, normalize_dim
-from .exact import topk_mask
-from .relaxed.sigmoid import sigmoid_topk
+from .._checks import check_choice, check_range, check_tensor, normalize_dim
+from ..exact import topk_mask
+from ..relaxed.sigmoid import sigmoid_topk
+from .conditional_poisson import conditional_poisson_marginals
+from .designs import OPS, uniforms
 
-__all__ = ["DESIGNS", "GRADIENTS", "METHODS", "pips_sample", "sample_khot", "straight_through"]
+__all__ = [
+    "DESIGNS",
+    "GRADIENTS",
+    "METHODS",
+    "pips_sample",
+    "sample_khot",
+    "straight_through",
+    "conditional_poisson_marginals",
+]
 
-DESIGNS = ("systematic", "brewer", "pareto")
+DESIGNS = tuple(OPS)
 GRADIENTS = ("straight_through", "reinmax")
 METHODS = ("pips", "gumbel")
 
@@ -147,7 +159,8 @@ def pips_sample(
             [0., 0., 1.]])
     """
     check_tensor("pi", pi, floating=True)
-    return _draw(pi, normalize_dim(dim, pi.ndim), design, generator, torch.finfo(pi.dtype).eps)
+    d = normalize_dim(dim, pi.ndim)
+    return _draw(check_range(pi.detach(), "pi", 0, 1), d, design, generator)
 
 
 def _check_generator(generator, t: Tensor, name: str) -> None:
@@ -158,22 +171,23 @@ def _check_generator(generator, t: Tensor, name: str) -> None:
             raise ValueError(f"generator is on {generator.device} but {name} is on {t.device}")
 
 
-def _draw(pi: Tensor, dim: int, design: str, generator: torch.Generator | None, eps: float) -> Tensor:
-    """:func:`pips_sample` after the checks of ``pi`` and ``dim``; slice sums within
-    ``1e-6 + s * eps`` of an integer count as that integer."""
+def _draw(pi: Tensor, dim: int, design: str, generator: torch.Generator | None, total: Tensor | None = None) -> Tensor:
+    """:func:`pips_sample` after the checks of ``pi`` and ``dim``. ``total``: the sample size per
+    slice (float64, the batch shape: ``pi``'s shape without ``dim``); ``None`` takes it from
+    the sums of ``pi``, computed in float64, with the near-integer rule of the module docstring."""
     check_choice("design", design, DESIGNS)
     _check_generator(generator, pi, "pi")
     if pi.numel() == 0:
         return torch.zeros_like(pi)
-    lo, hi = (v.item() for v in torch.aminmax(pi))
-    if not 0 <= lo <= hi <= 1:  # also catches NaN
-        raise ValueError(f"pi must lie in [0, 1], got values from {lo} to {hi}")
-
     moved = pi.movedim(dim, -1) if pi.ndim else pi.reshape(1)
     rows = moved.reshape(-1, moved.shape[-1])
     work = rows if rows.dtype in (torch.float32, torch.float64) else rows.float()
-    sampler = {"systematic": _systematic, "brewer": _brewer, "pareto": _pareto}[design]
-    out = sampler(work, eps, generator).to(pi.dtype).reshape(moved.shape)
+    if total is None:
+        s = work.sum(1, dtype=torch.float64)
+        near = (s - s.round()).abs() <= 1e-6 + s * torch.finfo(pi.dtype).eps
+        total = torch.where(near, s.round(), s)
+    u = uniforms(work, *work.shape[:1], work.shape[1] + 1, generator)
+    out = OPS[design](work, total.reshape(-1), u).to(pi.dtype).reshape(moved.shape)
     return out.movedim(-1, dim) if pi.ndim else out.reshape(())
 
 
@@ -234,15 +248,22 @@ def sample_khot(
         raise ValueError("gradient='reinmax' needs method='pips': its derivation assumes E[sample] = pi")
     pi = sigmoid_topk(x, k, dim, temperature=temperature)
     d = normalize_dim(dim, x.dim())
+    _check_generator(generator, x, "x")
+    # π is NaN exactly on the slices of x holding NaN: say so about x (±inf entries are fine)
+    check_range(x.detach().masked_fill(x.detach().isinf(), 0), "x", -math.inf, math.inf, what="not hold NaN")
+    batch = pi.movedim(d, -1).shape[:-1]
     if method == "gumbel":
         if isinstance(temperature, Tensor):  # per slice: put it back in place along dim
-            temperature = torch.broadcast_to(temperature.detach(), pi.movedim(d, -1).shape[:-1]).unsqueeze(d)
-        _check_generator(generator, x, "x")
-        noise = torch.empty_like(x).exponential_(generator=generator).log_().neg_()  # Gumbel(0, 1)
+            temperature = torch.broadcast_to(temperature.detach(), batch).unsqueeze(d)
+        u = uniforms(x, batch.numel(), x.shape[d] if x.dim() else 1, generator)
+        noise = (-(-u.log1p()).log()).to(x.dtype).reshape(*batch, -1).movedim(-1, d).reshape(x.shape)  # Gumbel(0, 1)
         return straight_through(topk_mask(x.detach() / temperature + noise, k, d).to(x.dtype), pi)
-    # sigmoid_topk meets Σπ = k within 1e-5 * max(1, k) (1e-12 in float64): count that as k
-    eps = max(torch.finfo(pi.dtype).eps, 2e-12 if pi.dtype == torch.float64 else 2e-5)
-    hard = _draw(pi.detach(), d, design, generator, eps)
+    # the sample size comes from k itself, in float64: never from the solver's last digits
+    if isinstance(k, Tensor):
+        total = torch.broadcast_to(k.detach().to(torch.float64), batch)
+    else:
+        total = torch.full(batch, float(k), dtype=torch.float64, device=x.device)
+    hard = _draw(pi.detach(), d, design, generator, total)
     if gradient == "straight_through":
         return straight_through(hard, pi)
     return straight_through(hard, 2 * _tangent((pi.detach() + hard) / 2, x, k, d, temperature) - pi / 2)
@@ -265,94 +286,3 @@ def _tangent(q: Tensor, x: Tensor, k: float | Tensor, dim: int, temperature: flo
     c = (k - (w * z).sum(-1, keepdim=True)) / torch.where(s > 0, s, 1)
     return (w * (z + c)).movedim(-1, dim)
 
-
-def _size(s: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """Sample size per slice (float64, integral) and whether the sum ``s`` counts as integer."""
-    k = s.round()
-    near = (s - k).abs() <= 1e-6 + s * eps
-    return torch.where(near, k, s.ceil()), near
-
-
-def _layout(work: Tensor, eps: float, keys: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
-    """Integer interval ends of the items of each row, in the order of ``keys``.
-
-    Items with ``pi = 1`` go first and ``pi = 0`` last (their keys are overwritten), the
-    others in the order of ``keys``. ``pi`` is rounded down to multiples of ``1 / M``,
-    ``M = 2**b``. Returns ``(ends, perm, c, b)``: ``ends`` (rows, n + 1) int64 with
-    ``ends[:, 0]`` the phantom's length and ``ends[:, i + 1]`` the end of the item at
-    ``perm[:, i]``; every length lies in [0, M], is M for ``pi = 1`` and 0 for
-    ``pi = 0``, and ``ends[:, -1] = c * M`` exactly, ``c`` (rows, 1) the sample size
-    (phantom included).
-    """
-    rows, n = work.shape
-    b = min(52, 62 - (n + 1).bit_length())
-    M = 1 << b
-    bounds = torch.iinfo(keys.dtype)
-    keys.masked_fill_(work == 1, bounds.min).masked_fill_(work == 0, bounds.max)
-    perm = keys.sort(dim=1).indices
-    q = work.gather(1, perm).mul_(M)
-    ends = torch.empty(rows, n + 1, dtype=torch.int64, device=work.device)
-    ends[:, 0] = 0
-    ends[:, 1:] = q  # truncates: pi rounded down to a multiple of 1 / M
-    ends.cumsum_(1)
-    total = ends[:, -1:].clone()
-    c, near = _size(total.double() / M, eps)
-    c = c.long()
-    target = torch.where(near, c * M, total)  # what the real items must cover
-    # Shortfall: fill the slack of the first fractional items (cap at M per item, the
-    # items with pi = 0 come last and get nothing). Excess: truncate the last ones
-    # (items with pi = 1 come first and keep their length M).
-    ends.add_((target - total).clamp_min_(0))
-    torch.minimum(ends, torch.arange(n + 1, device=work.device).mul_(M), out=ends)
-    torch.minimum(ends, target, out=ends)
-    ends.add_(c * M - target)  # the phantom occupies [0, c * M - target)
-    return ends, perm, c, b
-
-
-def _unsort(x: Tensor, perm: Tensor) -> Tensor:
-    return torch.zeros_like(x).scatter_(1, perm, x)
-
-
-def _systematic(work: Tensor, eps: float, generator) -> Tensor:
-    # int32 keys sort faster than floats; the extreme values are left for pi = 0 and 1
-    keys = torch.randint(-(2**31) + 1, 2**31 - 1, work.shape, generator=generator, device=work.device, dtype=torch.int32)
-    ends, perm, _, b = _layout(work, eps, keys)
-    M = 1 << b
-    u = torch.randint(M, (ends.shape[0], 1), generator=generator, device=work.device)
-    hits = ends.add_(M - 1 - u).bitwise_right_shift_(b)  # number of points u + j M below each end
-    return _unsort(hits[:, 1:] > hits[:, :-1], perm)
-
-
-def _brewer(work: Tensor, eps: float, generator) -> Tensor:
-    ends, perm, c, b = _layout(work, eps, torch.zeros_like(work, dtype=torch.int32))
-    M = 1 << b
-    size = torch.diff(ends, dim=1, prepend=torch.zeros_like(ends[:, :1]))  # phantom at 0
-    taken = size == M
-    free = (size > 0) & ~taken
-    draws = c - taken.sum(1, keepdim=True)
-    left = (size * free).sum(1, keepdim=True)  # = draws * M
-    weight0 = size.double()
-    for j in range(int(draws.max())):
-        active = draws > j
-        m = (draws - j).clamp_min_(1)
-        w = weight0 * (left - size) / (left - size * m)
-        w = torch.where(free & ~taken & active, w, 0.0)
-        w[:, :1] += ~active  # finished rows draw a dummy (their weights may be 0/0)
-        pick = torch.multinomial(w, 1, generator=generator)
-        taken.scatter_(1, pick, active | taken.gather(1, pick))
-        left -= size.gather(1, pick) * active
-    return _unsort(taken[:, 1:], perm)
-
-
-def _pareto(work: Tensor, eps: float, generator) -> Tensor:
-    n = work.shape[1]
-    s = work.sum(1, keepdim=True, dtype=torch.float64)
-    c, near = _size(s, eps)
-    p = torch.cat([work, torch.where(near, 0.0, c - s).to(work.dtype)], dim=1)  # phantom last
-    u = torch.rand(p.shape, generator=generator, device=p.device, dtype=p.dtype)
-    keys = (u * (1 - p)).div_((1 - u).mul_(p))
-    keys.masked_fill_(p == 1, -1.0).masked_fill_(p == 0, float("inf"))
-    k = int(c.max())
-    idx = keys.topk(k, dim=1, largest=False).indices
-    keep = torch.arange(k, device=p.device) < c
-    return torch.zeros_like(keys, dtype=torch.bool).scatter_(1, idx, keep)[:, :n]
