@@ -57,6 +57,10 @@ def _expand(match: re.Match, page_dir: str) -> str:
         from khot.relaxed.registry import markdown_table
 
         return markdown_table()
+    if what == "method-references":
+        import khot
+
+        return "\n".join(f"- `{m.name}`: {m.reference}." for m in khot.methods())
     if what == "method-functions":  # the functions behind every registered method, with their options
         import khot
 
