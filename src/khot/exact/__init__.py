@@ -90,11 +90,14 @@ torch.library.register_vmap(_keep_topk_op, _slices_vmap(_keep_topk_op))
 torch.library.register_vmap(_select_topk_op, _select_vmap)
 
 
+_wrapped = torch._C._functorch.is_functorch_wrapped_tensor  # e.g. a batched tensor inside vmap(grad(...))
+
+
 def _direct(*tensors: Tensor | None) -> bool:
     """Whether a call may run the CPU path itself, skipping the op's dispatch (plain eager CPU calls)."""
-    if not all(t is None or (t.device.type == "cpu" and _inspectable(t)) for t in tensors):
-        return False  # compiling, vmapped or off the CPU: through the op (decided before reading the backend)
-    return forced_backend() in (None, "cpu")
+    if not all(t is None or (t.device.type == "cpu" and _inspectable(t) and not _wrapped(t)) for t in tensors):
+        return False  # compiling, under a torch.func transform or off the CPU: through the op
+    return forced_backend() in (None, "cpu")  # read only outside torch.compile, which cannot trace it
 
 
 def _prepare(x, k, dim, largest, magnitude):
@@ -157,8 +160,13 @@ def keep_topk(x: torch.Tensor, k, dim: int = -1, *, largest: bool = True, magnit
     """
     shape = x.shape if isinstance(x, torch.Tensor) else None
     x, (k, ks), dim = _prepare(x, k, dim, largest, magnitude)
-    fn = _cpu.keep_topk if _direct(x, ks) else _keep_topk_op
-    return fn(x, k, ks, dim, largest, magnitude).view(shape)
+    if _direct(x, ks):
+        out = _cpu.keep_topk(x, k, ks, dim, largest, magnitude)  # autograd through its gather and scatter
+    elif x.requires_grad:  # autograd through where: one selection, no second one in the backward
+        out = torch.where(_topk_mask_op(x.detach(), k, ks, dim, largest, magnitude), x, torch.zeros((), dtype=x.dtype, device=x.device))
+    else:
+        out = _keep_topk_op(x, k, ks, dim, largest, magnitude)
+    return out.view(shape)
 
 
 def select_topk(x: torch.Tensor, scores: torch.Tensor, k: int, *, sorted: bool = True):

@@ -366,13 +366,13 @@ def _rows(x: torch.Tensor, dim: int):
 def topk_mask(x: torch.Tensor, k: int, ks: torch.Tensor | None, dim: int, largest: bool, magnitude: bool) -> torch.Tensor:
     """The CPU kernel of op ``khot::topk_mask`` (same signature and result as the portable path)."""
     rows, d = _rows(x, dim)
-    return _mask(rows, k if ks is None else ks.reshape(rows.shape[:d] + rows.shape[d + 1 :]), d, largest, magnitude, False).view(x.shape)
+    return _mask(rows, k if ks is None else ks.reshape(rows.shape[:d] + rows.shape[d + 1 :]), d, largest, magnitude, False).view(x.shape).contiguous()
 
 
 def keep_topk(x: torch.Tensor, k: int, ks: torch.Tensor | None, dim: int, largest: bool, magnitude: bool) -> torch.Tensor:
     """The CPU kernel of op ``khot::keep_topk``."""
     rows, d = _rows(x, dim)
-    return _mask(rows, k if ks is None else ks.reshape(rows.shape[:d] + rows.shape[d + 1 :]), d, largest, magnitude, True).view(x.shape)
+    return _mask(rows, k if ks is None else ks.reshape(rows.shape[:d] + rows.shape[d + 1 :]), d, largest, magnitude, True).view(x.shape).contiguous()
 
 
 def select_topk(scores: torch.Tensor, k: int, sorted: bool) -> torch.Tensor:

@@ -32,11 +32,14 @@ def _threshold_mask(key: Tensor, k: int, ks: Optional[Tensor], dim: int) -> Tens
     before = key > kth
     tied = key == kth  # a slice with k = 0 takes its top value as kth: nothing before it, no room for ties
     need = count - before.sum(dim, keepdim=True, dtype=torch.int32)
-    return before | (tied & (tied.cumsum(dim, dtype=torch.int32) <= need))
+    return (before | (tied & (tied.cumsum(dim, dtype=torch.int32) <= need))).contiguous()
 
 
 def topk_mask(x: Tensor, k: int, ks: Optional[Tensor], dim: int, largest: bool, magnitude: bool) -> Tensor:
-    """The exact k-hot mask of ``x`` along ``dim`` (the signature of op ``khot::topk_mask``)."""
+    """The exact k-hot mask of ``x`` along ``dim`` (the signature of op ``khot::topk_mask``).
+
+    Every op's output is contiguous, whatever the input's layout, on every path (the fake
+    implementation must predict the strides)."""
     if k >= x.shape[dim] and ks is None:
         return torch.ones(x.shape, dtype=torch.bool, device=x.device)
     return _threshold_mask(ranking_key(x, largest, magnitude), k, ks, dim)
@@ -44,7 +47,8 @@ def topk_mask(x: Tensor, k: int, ks: Optional[Tensor], dim: int, largest: bool, 
 
 def keep_topk(x: Tensor, k: int, ks: Optional[Tensor], dim: int, largest: bool, magnitude: bool) -> Tensor:
     """``x`` zeroed outside its k-hot mask (the signature of op ``khot::keep_topk``)."""
-    return torch.where(topk_mask(x, k, ks, dim, largest, magnitude), x, torch.zeros((), dtype=x.dtype, device=x.device))
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    return torch.where(topk_mask(x, k, ks, dim, largest, magnitude), x, zero).contiguous()
 
 
 def positions(mask: Tensor, k: int) -> Tensor:
@@ -53,7 +57,7 @@ def positions(mask: Tensor, k: int) -> Tensor:
     slot = torch.where(mask, slot, k)  # unselected entries go to a spare slot k, dropped below
     where = torch.arange(mask.shape[-1], device=mask.device).expand_as(mask)
     out = torch.zeros(*mask.shape[:-1], k + 1, dtype=torch.long, device=mask.device)
-    return out.scatter(-1, slot, where).narrow(-1, 0, k)
+    return out.scatter(-1, slot, where).narrow(-1, 0, k).contiguous()
 
 
 def best_first(scores: Tensor, indices: Tensor) -> Tensor:

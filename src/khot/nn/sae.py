@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_count, check_positive, check_tensor
+from .._checks import check_count, check_flag, check_positive, check_tensor
 from ..exact import select_topk, topk_mask
 from ._args import check_size
 
@@ -50,7 +50,7 @@ class TopKActivation(nn.Module):
 
     def __init__(self, k: int, *, relu: bool = True, dense: bool = True):
         super().__init__()
-        self.k, self.relu, self.dense = check_size("k", k), relu, dense
+        self.k, self.relu, self.dense = check_size("k", k), check_flag("relu", relu), check_flag("dense", dense)
 
     def forward(self, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         rows = _rows(x)
@@ -80,7 +80,11 @@ class BatchTopK(nn.Module):
     ``1 - β`` of the reference implementation in ``saprmarks/dictionary_learning``). In
     eval mode the output is ``x * (x > threshold)``: a per-element rule, independent of the
     other rows, that keeps about ``k`` latents per row on data like the training data.
-    Until a training step has set the threshold, eval mode uses the batch rule too.
+    Until a training step has run (or a state dict with a threshold is loaded), eval mode uses
+    the batch rule too. Which rule runs is a Python flag set by those two events, not a test of
+    the threshold's value, so a call never waits for the device (no host synchronisation) and
+    compiles without a graph break; a threshold still NaN after training (no batch had a kept
+    positive activation) keeps nothing.
 
     Example:
         >>> import torch, khot
@@ -102,16 +106,17 @@ class BatchTopK(nn.Module):
 
     def __init__(self, k: int, *, relu: bool = True, momentum: float = 1e-3):
         super().__init__()
-        self.k, self.relu = check_size("k", k), relu
+        self.k, self.relu = check_size("k", k), check_flag("relu", relu)
         self.momentum = check_positive("momentum", momentum)
         if self.momentum > 1:
             raise ValueError(f"momentum must lie in (0, 1], got {momentum!r}")
         self.register_buffer("threshold", torch.tensor(float("nan")))
+        self._fitted = False  # whether the threshold is a training estimate, see the class docstring
 
     def forward(self, x: Tensor) -> Tensor:
         rows = _rows(x)
         k = check_count(self.k, rows.shape[1], rows.shape[:1], rows.device)
-        if not self.training and not bool(self.threshold.isnan()):
+        if not self.training and self._fitted:
             return torch.where(x > self.threshold, x, 0)
         flat = rows.reshape(-1)
         kept = topk_mask(flat, k * rows.shape[0])
@@ -122,7 +127,14 @@ class BatchTopK(nn.Module):
                 minimum = minimum.to(self.threshold.dtype)
                 new = torch.where(self.threshold.isnan(), minimum, self.threshold.lerp(minimum, self.momentum))
                 self.threshold.copy_(torch.where(minimum.isfinite(), new, self.threshold))
+            self._fitted = True
         return (out.relu() if self.relu else out).view(x.shape)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        loaded = state_dict.get(prefix + "threshold")
+        if loaded is not None:  # a load is no hot path: reading the value here is fine (not on meta)
+            self._fitted = loaded.device.type == "meta" or not bool(loaded.isnan())
 
     def extra_repr(self) -> str:
         return f"k={self.k}" + ("" if self.relu else ", relu=False") + f", momentum={self.momentum}"
