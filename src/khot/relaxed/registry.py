@@ -6,9 +6,9 @@ and the README's method table all read :func:`methods`. Adding a method is one f
 
 Example:
     >>> import khot
-    >>> [m.name for m in khot.methods() if m.select is not None]
-    ['halving', 'iterative', 'counting']
-    >>> khot.relaxed.registry.get("sigmoid").real_k
+    >>> [m.name for m in khot.methods() if m.real_k and m.grad_k]
+    ['sigmoid', 'sparse', 'lapsum', 'soft']
+    >>> khot.relaxed.registry.get("sparse").exact_zeros
     True
 """
 
@@ -18,7 +18,7 @@ import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from . import counting, halving, iterative, sigmoid
+from . import counting, gumbel, halving, iterative, lapsum, perturbed, sigmoid, soft, sparse
 
 __all__ = ["Method", "methods", "get", "check_options", "markdown_table"]
 
@@ -79,6 +79,45 @@ _METHODS = (
         reference="soft ranks by pairwise counting, the linearized top-k of Haurum et al., 'Which Tokens to "
         "Use? Investigating Token Reduction in Vision Transformers', ICCV Workshops 2023",
         summary="soft ranks and 'j-th best' slots for small n (up to a few thousand)",
+    ),
+    Method(
+        "sparse", sparse.sparse_topk, None, sparse.DEFAULT_TEMPERATURE,
+        real_k=True, per_row_k=True, grad_k=True, grad_temperature=True,
+        output_range="[0, 1]", sums_to_k="exactly", exact_zeros=True, stochastic=False, cost="O(n log n)",
+        reference="Sander, Puigcerver, Djolonga, Peyré & Blondel, 'Fast, Differentiable and Sparse Top-k: "
+        "a Convex Analysis Perspective', ICML 2023",
+        summary="a sparse mask (exact zeros and ones) with exact gradients on its support",
+    ),
+    Method(
+        "lapsum", lapsum.lapsum_topk, None, lapsum.DEFAULT_TEMPERATURE,
+        real_k=True, per_row_k=True, grad_k=True, grad_temperature=True,
+        output_range="[0, 1]", sums_to_k="exactly", exact_zeros=False, stochastic=False, cost="O(n log n)",
+        reference="Struski, Bednarczyk, Podolak & Tabor, 'LapSum - One Method to Differentiate Them All: "
+        "Ranking, Sorting and Top-k Selection', ICML 2025",
+        summary="a smooth mask whose threshold is exact in closed form (no iterations), heavy-tailed weights",
+    ),
+    Method(
+        "soft", soft.soft_ot_topk, None, soft.DEFAULT_TEMPERATURE,
+        real_k=True, per_row_k=True, grad_k=True, grad_temperature=True,
+        output_range="[0, 1]", sums_to_k="approximately", exact_zeros=False, stochastic=False, cost="O(T n)",
+        reference="Xie, Dai, Chen, Dai, Zhao, Zha, Wei & Pfister, 'Differentiable Top-k with Optimal "
+        "Transport', NeurIPS 2020",
+        summary="reproducing SOFT top-k (entropic OT by Sinkhorn) as a baseline; sigmoid is its exact limit",
+    ),
+    Method(
+        "perturbed", perturbed.perturbed_topk, None, perturbed.DEFAULT_TEMPERATURE,
+        real_k=False, per_row_k=True, grad_k=False, grad_temperature=False,
+        output_range="[0, 1]", sums_to_k="exactly", exact_zeros=True, stochastic=True, cost="O(S n)",
+        reference="Berthet, Blondel, Teboul, Cuturi, Vert & Bach, 'Learning with Differentiable Perturbed "
+        "Optimizers', NeurIPS 2020",
+        summary="a Monte-Carlo smoothing of the exact mask, when an unbiased stochastic gradient is wanted",
+    ),
+    Method(
+        "gumbel", gumbel.gumbel_topk, None, gumbel.DEFAULT_TEMPERATURE,
+        real_k=False, per_row_k=False, grad_k=False, grad_temperature=True,
+        output_range="[0, k]", sums_to_k="exactly", exact_zeros=False, stochastic=True, cost="O(k n)",
+        reference="Xie & Ermon, 'Reparameterizable Subset Sampling via Continuous Relaxations', IJCAI 2019",
+        summary="a relaxed random k-subset (L2X-style explanation, stochastic kNN)",
     ),
 )
 

@@ -1,0 +1,102 @@
+"""LapSum top-k: ``p_i = F((x_i - t) / τ)`` with ``F`` the Laplace CDF and ``Σ p = k``, solved exactly.
+
+Struski, Bednarczyk, Podolak & Tabor, "LapSum - One Method to Differentiate Them All: Ranking,
+Sorting and Top-k Selection" (ICML 2025). ``F(u) = e^u / 2`` for ``u <= 0`` and ``1 - e^{-u} / 2``
+above: the same shape as the logistic function of :func:`khot.sigmoid_topk` but with
+exponential tails, which is what makes the threshold solvable in closed form.
+
+Forward, exact and without iterations: with ``z = x / τ`` sorted ascending and ``t`` between
+``z_(q)`` and ``z_(q+1)`` (``q`` items below ``t``), the sum is
+``Σ F = A e^{-t} / 2 + (n - q) - B e^{t} / 2`` with ``A = Σ_{i <= q} e^{z_(i)}`` and
+``B = Σ_{i > q} e^{-z_(i)}``, a quadratic in ``e^t``: ``t = log((c + sqrt(c² + AB)) / B)``,
+``c = n - q - k``, evaluated in log space (``log A``, ``log B`` from two ``logcumsumexp`` scans in
+float64) in whichever of two equivalent forms avoids cancellation. ``q`` comes from a bisection
+over the sorted row (``log2 n`` steps of a few gathers; the sum at a breakpoint needs only the
+scans). Cost: one sort and two scans, ``O(n log n)``.
+
+Backward (implicit function theorem, no solver): ``w = F'(z - t) = min(p, 1 - p)`` and
+``grad_x = w (g - Σ w g / Σ w) / τ``, ``grad_k = Σ w g / Σ w`` (and ``grad_τ``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._threshold import Rows, finite_range_sorted, largest_index, shifted, threshold_function, work_dtype
+
+__all__ = ["DEFAULT_TEMPERATURE", "lapsum_topk"]
+
+#: Default ``τ`` (score units): as smooth as sigmoid top-k at ``τ = 1``.
+DEFAULT_TEMPERATURE = 1.0
+# ±inf scores are placed this far (in units of τ) beyond the finite ones: F is then 0 or 1 in float64
+_MARGIN = 1000.0
+
+
+def _gather(t: Tensor, j: Tensor) -> Tensor:
+    """``t[..., j]``, ``-inf`` where ``j`` is outside ``[0, n)`` (an empty sum)."""
+    n = t.shape[-1]
+    return torch.where((j >= 0) & (j < n), t.gather(-1, j.clamp(0, n - 1)), -torch.inf)
+
+
+def _solve(x: Tensor, k: Tensor, tau: Tensor) -> Tensor:
+    dtype = work_dtype(x)
+    z = x.to(dtype) / tau
+    n = z.shape[-1]
+    if n == 0:
+        return torch.zeros_like(x)
+    s = z.sort(-1).values.contiguous()  # searchsorted needs a contiguous row
+    lo, hi = finite_range_sorted(s, _MARGIN)
+    s = s.clamp(lo, hi).to(torch.float64)
+    log_a = torch.logcumsumexp(s, -1)  # log Σ_{i <= j} e^{s_i}
+    log_b = torch.logcumsumexp(-s.flip(-1), -1).flip(-1)  # log Σ_{i >= j} e^{-s_i}
+
+    def value(j: Tensor) -> Tensor:  # Σ F(s_i - s_j)
+        sj = s.gather(-1, j)
+        return 0.5 * torch.exp(_gather(log_a, j) - sj) + (n - 1 - j) - 0.5 * torch.exp(sj + _gather(log_b, j + 1))
+
+    k = k.unsqueeze(-1)
+    q = largest_index(value, k, n, (*z.shape[:-1], 1)) + 1  # items below t
+    la, lb = _gather(log_a, q - 1), _gather(log_b, q)
+    c = (n - q) - k
+    # h = log(|c| + sqrt(c² + AB)) without overflow; then e^t = e^h / B (c >= 0) or A / e^h (c < 0)
+    lc, half = torch.log(c.abs()), (la + lb) / 2
+    top = torch.maximum(lc, half)
+    top = torch.where(torch.isfinite(top), top, 0)  # only k = 0 or k = n, replaced below
+    h = top + torch.log(torch.exp(lc - top) + torch.sqrt(torch.exp(2 * (lc - top)) + torch.exp(2 * (half - top))))
+    t = torch.where(c >= 0, h - lb, la - h)
+    t = torch.where(k <= 0, torch.inf, torch.where(k >= n, -torch.inf, t)) + s[..., -1:] * 0  # NaN slices stay NaN
+    u = shifted(z.clamp(lo, hi), t)
+    e = 0.5 * torch.exp(-u.abs())
+    return torch.where(u <= 0, e, 1 - e).to(x.dtype)
+
+
+_LapSumTopK = threshold_function("_LapSumTopK", _solve, lambda p: torch.minimum(p, 1 - p))
+
+
+def lapsum_topk(x: Tensor, k: float | Tensor, dim: int = -1, *, temperature: float | Tensor = DEFAULT_TEMPERATURE) -> Tensor:
+    """Relaxed k-hot mask ``F((x - t) / τ)`` (``F`` the Laplace CDF) summing to ``k`` along ``dim``.
+
+    Args:
+        x: floating-point scores, any shape and device (half and bfloat16 computed in float32).
+        k: ``0 <= k <= n``, a real number or a tensor of per-slice values; differentiable.
+        dim: the dimension to select along.
+        temperature: ``τ > 0``, a number or a per-slice tensor (differentiable).
+
+    Returns ``p`` with the shape, dtype and device of ``x``: values in ``[0, 1]`` (0 and 1 only for
+    ``±inf`` scores, ``k = 0``, ``k = n`` or underflow), ``Σ p = k`` up to rounding. ``+inf``
+    scores get 1 and ``-inf`` scores 0 while the others can make up ``k``; a NaN makes its
+    slice NaN.
+
+    Example:
+        >>> import torch, khot
+        >>> x = torch.tensor([0.2, 1.9, -1.0, 3.0, 1.5])
+        >>> p = khot.soft_topk(x, 2, method="lapsum")
+        >>> p
+        tensor([0.1107, 0.5873, 0.0333, 0.8626, 0.4061])
+        >>> round(p.sum().item(), 5)
+        2.0
+    """
+    rows = Rows(x, k, dim, temperature)
+    k, tau = rows.tensors()
+    return rows.restore(_LapSumTopK.apply(rows.x, k, tau))

@@ -1,0 +1,102 @@
+"""Sparse top-k: the Euclidean projection of ``x / τ`` onto the capped simplex.
+
+``p = argmin ||p - x / τ||²`` over ``{p ∈ [0, 1]^n, Σ p = k}`` (the ``p = 2`` case of Sander,
+Puigcerver, Djolonga, Peyré & Blondel, "Fast, Differentiable and Sparse Top-k: a Convex
+Analysis Perspective", ICML 2023; also "budget sparsemax"). The solution is
+``p_i = clip(x_i / τ - t, 0, 1)`` with one threshold ``t`` per slice, so ``p`` has exact zeros
+(and exact ones): a sparse, differentiable k-hot mask, the exact top-k mask once the k-th and
+(k+1)-th scores are more than ``τ`` apart.
+
+Forward, exact and without iterations: sort ``z = x / τ`` once; ``S(t) = Σ clip(z_i - t, 0, 1)``
+is continuous, piecewise linear and non-increasing, with breakpoints at every ``z_i`` and
+``z_i - 1``, and on a sorted row its value at any breakpoint follows from prefix sums (float64)
+and one ``searchsorted``. A bisection over the breakpoint indices (``log2 n`` steps of a few
+gathers each) finds the linear piece that holds ``S(t) = k``, where
+``t = (Σ_free z - (k - #ones)) / #free`` in closed form. Cost: one sort, ``O(n log n)``.
+
+Backward, closed form on the support: on the free set ``F = {0 < p < 1}`` the Jacobian of the
+projection is ``I - 11ᵀ / |F|``, so ``grad_z = g - mean_F(g)`` on ``F`` and 0 elsewhere;
+``grad_k = mean_F(g)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._threshold import Rows, finite_range_sorted, largest_index, shifted, threshold_function, work_dtype
+
+__all__ = ["DEFAULT_TEMPERATURE", "sparse_topk"]
+
+#: Default ``τ``: scores of order one, a mask with a few fractional entries.
+DEFAULT_TEMPERATURE = 1.0
+
+
+def _solve(x: Tensor, k: Tensor, tau: Tensor) -> Tensor:
+    dtype = work_dtype(x)
+    z = x.to(dtype) / tau
+    n = z.shape[-1]
+    if n == 0:
+        return torch.zeros_like(x)
+    s = z.sort(-1).values.contiguous()  # searchsorted needs a contiguous row
+    lo, hi = finite_range_sorted(s, 1.0)  # ±inf -> 1 beyond the finite range: p = 1 or 0 when possible
+    s = s.clamp(lo, hi)
+    csum = s.cumsum(-1, dtype=torch.float64)
+    step = torch.tensor([1.0, -1.0], dtype=dtype, device=x.device)
+
+    def prefix(m: Tensor) -> Tensor:  # Σ_{i < m} s_i
+        return torch.where(m > 0, csum.gather(-1, (m - 1).clamp(min=0)), 0)
+
+    def value(j: Tensor) -> Tensor:
+        # S at the breakpoints s_j (column 0) and s_j - 1 (column 1), counting ties by position
+        sj = s.gather(-1, j)
+        count = n - torch.searchsorted(s, (sj + step).contiguous(), right=True)  # #{s > s_j + 1}, #{s > s_j - 1}
+        sj = sj.to(torch.float64)
+        ju, jv = j[..., :1], j[..., 1:]
+        a, b = count[..., :1], count[..., 1:]
+        s_u = a + prefix(n - a) - prefix(ju + 1) - (n - 1 - ju - a) * sj[..., :1]
+        s_v = (n - 1 - jv) + prefix(jv + 1) - prefix(n - b) - (b - (n - 1 - jv)) * (sj[..., 1:] - 1)
+        return torch.cat([s_u, s_v], -1)
+
+    k = k.unsqueeze(-1)
+    j = largest_index(value, k, n, (*z.shape[:-1], 2))
+    ju, jv = j[..., :1], j[..., 1:]
+    # on the piece after the breakpoint max(s_ju, s_jv - 1): positions > jv are ones, (ju, jv] free
+    free = jv - ju
+    t = (prefix(jv + 1) - prefix(ju + 1) + (n - 1 - jv) - k) / free.clamp(min=1)
+    at_u = torch.where(ju >= 0, s.gather(-1, ju.clamp(min=0)).to(torch.float64), -torch.inf)
+    corner = torch.maximum(at_u, s.gather(-1, jv).to(torch.float64) - 1)
+    t = torch.where(free > 0, t, corner) + s[..., -1:] * 0  # a NaN in the slice makes it NaN
+    return shifted(z.clamp(lo, hi), t).clamp(0, 1).to(x.dtype)
+
+
+_SparseTopK = threshold_function("_SparseTopK", _solve, lambda p: ((p > 0) & (p < 1)).to(p.dtype))
+
+
+def sparse_topk(x: Tensor, k: float | Tensor, dim: int = -1, *, temperature: float | Tensor = DEFAULT_TEMPERATURE) -> Tensor:
+    """Sparse relaxed k-hot mask ``clip(x / τ - t, 0, 1)`` summing to ``k`` along ``dim``.
+
+    Args:
+        x: floating-point scores, any shape and device (half and bfloat16 computed in float32).
+        k: ``0 <= k <= n``, a real number or a tensor of per-slice values (broadcastable to the
+            shape of ``x`` without ``dim``); differentiable.
+        dim: the dimension to select along.
+        temperature: ``τ > 0``, a number or a per-slice tensor (differentiable): the width, in
+            score units, of the ramp between 0 and 1.
+
+    Returns ``p`` with the shape, dtype and device of ``x``: values in ``[0, 1]`` with exact zeros
+    and ones, ``Σ p = k`` up to rounding. ``+inf`` scores get 1 and ``-inf`` scores 0 (while the
+    others can make up ``k``); a NaN makes its slice NaN. Gradients are finite everywhere.
+
+    Example:
+        >>> import torch, khot
+        >>> from khot.relaxed.sparse import sparse_topk
+        >>> x = torch.tensor([0.2, 1.9, -1.0, 3.0, 1.5])
+        >>> sparse_topk(x, 2)
+        tensor([0.0000, 0.7000, 0.0000, 1.0000, 0.3000])
+        >>> khot.soft_topk(x, 2, method="sparse", temperature=0.1)
+        tensor([0., 1., 0., 1., 0.])
+    """
+    rows = Rows(x, k, dim, temperature)
+    k, tau = rows.tensors()
+    return rows.restore(_SparseTopK.apply(rows.x, k, tau))
