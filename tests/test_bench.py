@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,10 +36,61 @@ def _error(capsys, *argv) -> str:
         (["--n", "4", "--k", "8"], "nothing to run"),
         (["--budget", "-1"], "expected a positive number"),
         (["--bogus"], "unrecognized arguments: --bogus"),
+        (["--suites", ""], "expected comma-separated names, got ''"),
+        (["--methods", " , "], "expected comma-separated names"),
+        (["--device", "meta"], "--device meta: meta tensors hold no data"),
+        (["--n", "2**100"], "expected integers below 2**63"),
+        (["--n", "2**40", "--k", "2"], "exceeds the 2 GiB memory budget"),
+        (["--n", "2**99999999"], "expected comma-separated positive integers"),
+        (["--seed", "2**70"], "expected an integer from 0 to 2**64 - 1, got '2**70'"),
+        (["--seed", "-1"], "expected an integer from 0 to 2**64 - 1"),
+        (["--levels", "0.3,1"], "expected comma-separated numbers between 0 and 1"),
     ],
 )
 def test_argument_errors(capsys, argv, message):
     assert message in _error(capsys, *argv)
+
+
+def _bad_outputs(tmp_path):
+    file = tmp_path / "file.txt"
+    file.write_text("x")
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    # root writes into a 0o555 folder anyway; /sys refuses new entries even to root
+    locked = read_only / "out" if not os.access(read_only, os.W_OK) else Path("/sys/khot-bench-test")
+    return {"existing file": (file, "is a file, not a folder"), "under a file": (file / "out", "Not a directory"),
+            "read-only": (locked, "cannot write a report there")}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", ["existing file", "under a file", "read-only"])
+def test_unwritable_out_is_one_line_and_exit_2(tmp_path, capsys, case):
+    out, message = _bad_outputs(tmp_path)[case]
+    err = _error(capsys, "--suites", "exact", "--out", str(out), *TINY)
+    assert message in err and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("khot bench: error: --out")
+
+
+def test_no_number_at_all_exits_non_zero(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(runner, "_measure", lambda task, history: {"status": "error: RuntimeError: boom"})
+    assert main(["bench", "--suites", "exact", "--out", str(tmp_path / "r"), *TINY]) == 1
+    assert "no measurement produced a number" in capsys.readouterr().err
+    assert "error" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_second_ctrl_c_while_plotting_keeps_a_readable_report(tmp_path, monkeypatch, capsys):
+    from khot.bench import plots
+
+    def interrupt(*a):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plots, "plot", interrupt)
+    out = tmp_path / "r"
+    assert main(["bench", "--suites", "exact", "--out", str(out), *TINY]) == 130
+    report = (out / "report.md").read_text()
+    assert "| batch | n | k | dtype | `topk_mask`" in report  # the tables, without plots
+    assert "has them without plots" in capsys.readouterr().err
+    assert not list(out.glob(".report.md*"))
 
 
 def test_bad_method_lists_the_valid_ones(capsys):
@@ -54,7 +107,7 @@ def test_no_command_is_an_error(capsys):
 
 def test_tiny_run_writes_csv_report_and_plots(tmp_path):
     out = tmp_path / "report"
-    argv = ["bench", "--suites", "masks,exact", "--methods", "sigmoid,halving,topk_mask", "--out", str(out), *TINY]
+    argv = ["bench", "--suites", "masks,exact", "--methods", "sigmoid,halving,topk_mask", "--levels", "0.1", "--out", str(out), *TINY]
     assert main(argv) == 0
     with open(out / "results.csv", newline="") as f:
         reader = csv.DictReader(f)
@@ -68,15 +121,17 @@ def test_tiny_run_writes_csv_report_and_plots(tmp_path):
     assert all(r["torch"] == torch.__version__ for r in rows)
     sigmoid = by["masks", "sigmoid", 16]
     assert float(sigmoid["sum_err"]) < 1e-4  # sums to k
-    assert 0 < float(sigmoid["mask_l1"]) < 1  # relaxed: neither exact nor disjoint
+    assert float(sigmoid["level"]) == 0.1 and abs(float(sigmoid["mask_l1"]) - 0.1) <= 0.003  # matched sharpness
+    assert abs(float(by["masks", "halving", 16]["mask_l1"]) - 0.1) <= 0.003
     assert float(sigmoid["grad_cos"]) > 0.999  # closed-form backward vs finite differences
+    assert 0 < float(sigmoid["jac_cos"]) <= 1
     assert float(sigmoid["fwd_bwd_ms"]) > 0
     assert float(by["exact", "topk_mask", 32]["mask_l1"]) == 0  # same mask as torch.topk + scatter
     assert by["exact", "topk_mask", 32]["fwd_bwd_ms"] == ""  # a bool mask has no backward
     report = (out / "report.md").read_text()
     again = write_report(read_csv(out / "results.csv"), {s: SUITES[s] for s in ("masks", "exact")}, tmp_path, [], [])
     assert again.read_text().split("## Which method when")[1].split("## `")[0] in report  # the CSV round-trips
-    assert "## Which method when" in report and "| batch | n | k | dtype | `sigmoid` | `halving`" in report
+    assert "## Which method when" in report and "| batch | n | k | level | dtype | `sigmoid` | `halving`" in report
     assert "takes" in report and "the time of `softmax`" in report
     if importlib.util.find_spec("matplotlib"):
         assert {"time_masks.png", "quality_masks.png", "time_exact.png"} <= {p.name for p in out.glob("*.png")}

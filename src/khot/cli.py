@@ -43,14 +43,18 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated positive integers (e.g. 16,1024 or 1e6), got {text!r}") from None
     if any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    if any(v >= 2**63 for v in values):
+        raise argparse.ArgumentTypeError(f"expected integers below 2**63 (a tensor size), got {text!r}")
     return values
 
 
 def _int(part: str) -> int:
     part = part.strip()
     if "**" in part:
-        base, exponent = part.split("**")
-        return int(base) ** int(exponent)
+        base, exponent = (int(v) for v in part.split("**"))
+        if exponent > 256:  # far past any size or seed, and not worth computing
+            raise ValueError(part)
+        return base**exponent
     value = float(part)
     if not value.is_integer():
         raise ValueError(part)
@@ -65,7 +69,31 @@ def _count(text: str) -> int:
 
 
 def _names(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return names
+
+
+def _seed(text: str) -> int:
+    """A seed ``torch.Generator.manual_seed`` takes: 0 <= seed < 2**64."""
+    try:
+        value = _int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to 2**64 - 1, got {text!r}")
+    return value
+
+
+def _levels(text: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or not all(0 < v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers between 0 and 1 (e.g. 0.3,0.1), got {text!r}")
+    return values
 
 
 def _positive(text: str) -> float:
@@ -85,12 +113,13 @@ def _bench_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--methods", type=_names, help="comma-separated method names (default: all; references always run)")
     p.add_argument("--n", type=_ints, help="sizes n to run instead of each suite's defaults")
     p.add_argument("--k", type=_ints, help="values of k instead of the defaults (cells need k < n)")
+    p.add_argument("--levels", type=_levels, help="sharpness levels of the masks suite: L1 distance to the exact mask / 2k (default 0.3,0.1,0.03)")
     p.add_argument("--batch", type=_ints, help="batch sizes instead of the defaults")
     p.add_argument("--dtype", type=_names, default=["float32"], help=f"comma-separated, from {', '.join(DTYPES)} (default float32)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
     p.add_argument("--full", action="store_true", help="the published grids, with larger budgets (long)")
     p.add_argument("--out", type=Path, default=Path("khot-report"), help="output folder (default khot-report/)")
-    p.add_argument("--seed", type=int, default=0, help="seed of every input and sample (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of every input and sample (default 0)")
     p.add_argument("--budget", type=_positive, help="seconds one call may take (default 2, 30 with --full)")
     p.add_argument("--memory", type=_positive, help="GiB a method's estimate may need (default 2, 16 with --full)")
     p.add_argument("--threads", type=_count, help="CPU threads for torch (default: torch's; 1 avoids OpenMP stalls on busy machines)")
@@ -116,6 +145,12 @@ def _plan(args, error):
         error(f"--device {args.device!r}: {e}")
     if device.type == "cuda" and not torch.cuda.is_available():
         error(f"--device {args.device}: CUDA is not available (torch {torch.__version__}, no GPU or a CPU build)")
+    if device.type == "meta":
+        error("--device meta: meta tensors hold no data, so nothing can be timed or scored; choose cpu or cuda")
+    try:
+        torch.ones(1, device=device).sum().item()
+    except (RuntimeError, AssertionError) as e:
+        error(f"--device {args.device}: cannot compute on it ({(str(e).strip().splitlines() or [''])[0]})")
     methods = {name: suite.methods() for name, suite in suites.items()}
     valid = dict.fromkeys(m for ms in methods.values() for m in ms)
     unknown = [m for m in args.methods or () if m not in valid]
@@ -123,25 +158,50 @@ def _plan(args, error):
         error(f"unknown method(s) {', '.join(map(repr, unknown))} in suites {', '.join(suites)}; choose from {', '.join(valid)}")
     budget = args.budget or (30.0 if args.full else 2.0)
     memory = (args.memory or (16 if args.full else 2)) * 2**30
-    tasks = []
+    tasks, too_big = [], []
     for name, suite in suites.items():
         wanted = {m: impl for m, impl in methods[name].items() if impl.reference or not args.methods or m in args.methods}
         if all(impl.reference for impl in wanted.values()):
             continue
         cells = dict.fromkeys(
-            Cell(b, n, k)
+            Cell(b, n, k, level, c.task)
             for c in (suite.full if args.full else suite.cells)
+            for level in (args.levels or [c.level] if c.level is not None else [None])
             for b in args.batch or [c.batch]
             for n in args.n or [c.n]
             for k in args.k or [c.k]
             if k < n
         )
+        itemsize = max(DTYPES[d].itemsize for d in args.dtype)
+        too_big += [c for c in cells if c.batch * c.n * itemsize > memory]
+        cells = [c for c in cells if c.batch * c.n * itemsize <= memory]
         for dtype in args.dtype:
             s = Settings(device, DTYPES[dtype], args.seed, 0.5 if args.full else 0.1, budget, memory)
             tasks += [Task(name, suite, c, s, m, impl) for c in sorted(cells, key=lambda c: (c.n, c.k, c.batch)) for m, impl in wanted.items()]
+    if not tasks and too_big:
+        c = max(too_big, key=lambda c: c.batch * c.n)
+        error(
+            f"nothing to run: the input alone (batch {c.batch} × n {c.n} × {itemsize} bytes = "
+            f"{c.batch * c.n * itemsize / 2**30:.3g} GiB) exceeds the {memory / 2**30:g} GiB memory budget (--memory)"
+        )
     if not tasks:
         error(f"nothing to run: no cell has k < n (--n {args.n}, --k {args.k}) or no method in the chosen suites")
     return suites, tasks
+
+
+def _output_folder(out: Path, error) -> None:
+    """Create ``out`` and check that files can be written in it, or ``error(message)`` in one line."""
+    if out.exists() and not out.is_dir():
+        error(f"--out {str(out)!r}: is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".khot-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        where = f" ({e.filename})" if e.filename and Path(e.filename) != out else ""
+        error(f"--out {str(out)!r}: cannot write a report there: {reason}{where}")
 
 
 def bench(args, error, command: str) -> int:
@@ -151,7 +211,7 @@ def bench(args, error, command: str) -> int:
     suites, tasks = _plan(args, error)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
+    _output_folder(args.out, error)
     print(f"khot bench: {len(tasks)} measurements -> {args.out}/", file=sys.stderr)
     for line in peers.missing():
         print(f"peer {line}", file=sys.stderr)
@@ -159,7 +219,6 @@ def bench(args, error, command: str) -> int:
     rows, interrupted = runner.run(tasks, args.out / "results.csv", not args.no_progress)
     wall = time.perf_counter() - start
     ran = {name: suite for name, suite in suites.items() if any(r["suite"] == name for r in rows)}
-    names, note = plots.plot(rows, ran, args.out)
     installed = [f"{p} {peers.version(p)}" for p in peers.PEERS if peers.load(p)]
     header = [
         f"`khot {command}`",
@@ -172,12 +231,25 @@ def bench(args, error, command: str) -> int:
         + (" — **interrupted (Ctrl-C): partial results**" if interrupted else ""),
         f"- peers: {', '.join(installed) or 'none installed'}" + "".join(f"; {m}" for m in peers.missing()),
         "- references (`torch-topk*`, `softmax`, `torch-sort`) are timed for comparison, not ranked",
-    ] + ([f"- {note}"] if note else [])
-    path = report.write_report(rows, ran, args.out, header, names)
+    ]
+    path = None
+    try:  # the tables first (written atomically), then the plots, then the report again with them
+        path = report.write_report(rows, ran, args.out, header, [])
+        names, note = plots.plot(rows, ran, args.out)
+        path = report.write_report(rows, ran, args.out, header + ([f"- {note}"] if note else []), names)
+    except KeyboardInterrupt:
+        done = f"{path} has them without plots" if path else "no report.md was written"
+        print(f"interrupted while writing the report: {args.out / 'results.csv'} has every measured row; {done}", file=sys.stderr)
+        return 130
     if note:
         print(note, file=sys.stderr)
     print(f"{'interrupted; partial ' if interrupted else ''}report: {path} ({wall:.0f} s)", file=sys.stderr)
-    return 130 if interrupted else 0
+    if interrupted:
+        return 130
+    if not report.ok_rows(rows):
+        print("no measurement produced a number: every cell failed or was skipped (see report.md)", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

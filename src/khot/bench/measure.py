@@ -18,12 +18,12 @@ __all__ = ["median_ms", "interleaved_ms", "peak_mib", "baseline_mask", "baseline
 
 
 def baseline_mask(x, k, dim):
-    """Seed 000's plain-PyTorch k-hot mask: ``zeros_like`` + ``scatter_`` of ``topk`` indices."""
+    """The plain-PyTorch k-hot mask: ``zeros_like`` + ``scatter_`` of ``topk`` indices."""
     return torch.zeros_like(x, dtype=torch.bool).scatter_(dim, x.topk(k, dim).indices, True)
 
 
 def baseline_keep(x, k, dim):
-    """Seed 000's plain-PyTorch "zero all but the top k": the mask above as floats, times ``x``."""
+    """The plain-PyTorch "zero all but the top k": the mask above as floats, times ``x``."""
     return x * torch.zeros_like(x).scatter_(dim, x.topk(k, dim).indices, 1)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -16,15 +17,18 @@ from pathlib import Path
 __all__ = ["COLUMNS", "LABELS", "CsvLog", "read_csv", "write_report"]
 
 COLUMNS = (
-    "suite", "method", "source", "version", "reference", "baseline", "status", "batch", "n", "k", "d", "dtype", "device",
-    "fwd_ms", "fwd_bwd_ms", "peak_mib", "nccs", "mask_l1", "sum_err", "grad_cos", "incl_err", "incl_z", "draws",
-    "torch", "khot",
+    "suite", "method", "source", "version", "reference", "baseline", "status", "task", "batch", "n", "k", "level", "d",
+    "dtype", "device", "temperature", "fwd_ms", "fwd_bwd_ms", "peak_mib", "nccs", "mask_l1", "sum_err", "grad_cos",
+    "jac_cos", "incl_err", "incl_z", "incl_p", "draws", "metric", "metric_std", "seeds", "steps", "train_s", "torch", "khot",
 )  # fmt: skip
-_TEXT = {"suite", "method", "source", "version", "baseline", "status", "dtype", "device", "torch", "khot"}
+_TEXT = {"suite", "method", "source", "version", "baseline", "status", "task", "dtype", "device", "torch", "khot"}
 LABELS = {
-    "nccs": "nCCS (↑)", "mask_l1": "L1 to exact / 2k (↓)", "sum_err": "|Σ - k| (↓)",
-    "grad_cos": "grad cos vs finite diff. (↑)", "incl_err": "max |P(i) - π_i| (↓)", "incl_z": "max z-score of P(i) - π_i (↓; 3-4 is noise)",
-    "fwd_ms": "forward ms", "fwd_bwd_ms": "fwd+bwd ms",
+    "nccs": "nCCS (↑)", "mask_l1": "L1 to exact / 2k", "sum_err": "|Σ - k| (↓)", "temperature": "temperature",
+    "grad_cos": "gradient cos vs finite differences (↑)",
+    "jac_cos": "gradient cos vs the smoothed exact mask's (↑)",
+    "incl_err": "max |P(i) - π_i| (↓)", "incl_z": "max |z| of P(i) - π_i",
+    "incl_p": "χ² p-value of P(i) = π_i (exact designs: p ~ U(0, 1))",
+    "fwd_ms": "forward ms", "fwd_bwd_ms": "fwd+bwd ms", "metric": "task metric", "train_s": "training s",
 }  # fmt: skip
 
 
@@ -77,7 +81,7 @@ def ok_rows(rows):
 
 
 def _group(row: dict, by: str):
-    return row["n"] // row["k"] if by == "n/k" else row[by]
+    return row["n"] // row["k"] if by == "n/k" else row.get(by)
 
 
 def nanmedian(values):
@@ -87,11 +91,25 @@ def nanmedian(values):
 
 
 def _cells(rows):
-    """Rows grouped by input: ``{(batch, n, k, dtype, device): [rows]}`` in order of appearance."""
+    """Rows grouped by input: ``{(batch, n, k, dtype, device, level, task): [rows]}`` in order of appearance."""
     out = defaultdict(list)
     for r in rows:
-        out[r["batch"], r["n"], r["k"], r["dtype"], r["device"]].append(r)
+        out[r["batch"], r["n"], r["k"], r["dtype"], r["device"], r.get("level"), r.get("task")].append(r)
     return out
+
+
+def compared(rows, column) -> tuple[list[str], list[str], list]:
+    """The methods compared on ``column`` and the cells they are compared on: every method that
+    has it in every cell where any method has it; ``(compared, left_out, cells)``."""
+    cells = [c for c in _cells(rows).values() if any(column in r for r in c)]
+    methods = list(dict.fromkeys(r["method"] for c in cells for r in c if column in r))
+    keep = [m for m in methods if all(any(r["method"] == m and column in r for r in c) for c in cells)]
+    return keep, [m for m in methods if m not in keep], cells
+
+
+def _where(rows, method) -> str:
+    ns = sorted({r["n"] for r in rows if r["method"] == method and r.get("status") == "ok"})
+    return f"n ≤ {ns[-1]}" if ns else "no cell"
 
 
 def _pareto(rows, metric, higher, time):
@@ -105,51 +123,75 @@ def _pareto(rows, metric, higher, time):
 
 
 def summary(rows: list[dict], suite) -> list[str]:
-    """The "which method when" lines of one suite, computed from its rows."""
+    """The "which method when" lines of one suite, computed from its rows.
+
+    Medians and counts compare only the methods that ran in every cell of the comparison, on
+    those cells, and say which were left out (a method skipped at large n must not "win" on
+    the small cells it ran).
+    """
     metric, higher = suite.quality
     time = suite.time
     ranked = [r for r in ok_rows(rows) if not r.get("reference")]
     if not ranked:
         return ["No method ran within the budgets."]
-    best, fastest, front = defaultdict(list), defaultdict(list), defaultdict(list)
-    for cell in _cells(ranked).values():
-        scored = [r for r in cell if metric in r]
-        timed = [r for r in cell if time in r]
-        if scored:
-            pick = (max if higher else min)(scored, key=lambda r: r[metric])
-            best[pick["method"]].append(cell[0])
-        if timed:
-            fastest[min(timed, key=lambda r: r[time])["method"]].append(cell[0])
-        for name in _pareto(cell, metric, higher, time):
-            front[name].append(cell[0])
-    n_cells = len(_cells(ranked))
+    refs = [r for r in ok_rows(rows) if r.get("reference")]
+    quality = LABELS[metric] if higher is not None else "consistent with π (p ≥ 0.001)"
     lines = [
-        "| " + f"{suite.by} | best {LABELS[metric]} | fastest ({LABELS[time]}) | not beaten on both |",
+        f"| {suite.by} | best {quality} | fastest ({LABELS[time]}) | not beaten on both |",
         "|---|---|---|---|",
     ]
     groups = defaultdict(list)
     for r in ranked:
         groups[_group(r, suite.by)].append(r)
-    for key in sorted(groups):
+    notes = []
+    for key in sorted(groups, key=lambda v: (v is None, v)):
         g = groups[key]
-        q = _per_method(g, metric)
-        t = _per_method(g, time)
-        top_q = (max if higher else min)(q, key=q.get) if q else None
+        mq, left_q, _ = compared(g, metric)
+        mt, left_t, cells_t = compared(g, time)
+        q = {m: v for m, v in _per_method([r for r in g if r["method"] in mq], metric).items()}
+        t = _per_method([r for r in g if r["method"] in mt], time)
+        if higher is None:
+            best = ", ".join(f"`{m}`" for m in mq if min(r[metric] for r in g if r["method"] == m and metric in r) >= 1e-3)
+        else:
+            top_q = (max if higher else min)(q, key=q.get) if q else None
+            best = f"`{top_q}` ({_fmt(q[top_q])})" if top_q else "–"
         top_t = min(t, key=t.get) if t else None
-        pareto = sorted({m for cell in _cells(g).values() for m in _pareto(cell, metric, higher, time)})
-        lines.append(
-            f"| {key} | {f'`{top_q}` ({_fmt(q[top_q])})' if top_q else '–'} "
-            f"| {f'`{top_t}` ({_fmt(t[top_t])})' if top_t else '–'} | {', '.join(f'`{m}`' for m in pareto) or '–'} |"
-        )
+        fastest = f"`{top_t}` ({_fmt(t[top_t])})" if top_t else "–"
+        cell_keys = {tuple(c[0][f] for f in ("batch", "n", "k")) for c in cells_t}
+        ref_t = _per_method([r for r in refs if (r["batch"], r["n"], r["k"]) in cell_keys and r.get("level") == g[0].get("level")], time)
+        faster = [f"`{m}` {_fmt(v)}" for m, v in ref_t.items() if top_t and v < t[top_t]]
+        if faster:
+            fastest += "; faster reference: " + ", ".join(faster)
+        pareto = sorted({m for cell in _cells(g).values() for m in _pareto(cell, metric, higher, time)}) if higher is not None else []
+        lines.append(f"| {key} | {best} | {fastest} | {', '.join(f'`{m}`' for m in pareto) or '–'} |")
+        for left, what in ((left_q, LABELS[metric]), (left_t, "time")):
+            if left:
+                notes.append(f"{suite.by} = {key}, {what}: " + ", ".join(f"`{m}` ({_where(g, m)})" for m in left))
     lines.append("")
-    for label, counts in (("Best quality", best), ("Fastest", fastest), ("Never beaten on both quality and time", front)):
-        if counts:
-            ordered = sorted(counts, key=lambda m: -len(counts[m]))
-            lines.append(f"- **{label}**: " + ", ".join(f"`{m}` in {len(counts[m])}/{n_cells} cells" for m in ordered))
+    lines.append(
+        "Medians over the cells of each row, comparing only the methods that ran in all of them"
+        + (" (left out, with where they ran: " + "; ".join(notes) + ")." if notes else ".")
+    )
+    lines.append("")
+    if higher is not None:
+        mq, left, cells = compared(ranked, metric)
+        wins = defaultdict(int)
+        for c in cells:
+            scored = [r for r in c if r["method"] in mq and metric in r]
+            wins[(max if higher else min)(scored, key=lambda r: r[metric])["method"]] += 1
+        ordered = sorted(wins, key=lambda m: -wins[m])
+        lines.append(
+            f"- **Best {LABELS[metric]}**: " + ", ".join(f"`{m}` in {wins[m]}" for m in ordered)
+            + f" of the {len(cells)} cells where all of {', '.join(f'`{m}`' for m in mq)} ran"
+        )
     for column in suite.metrics[1:]:
-        medians = _per_method(ranked, column)
-        if medians:
-            lines.append(f"- median {LABELS[column]}: " + ", ".join(f"`{m}` {_fmt(v)}" for m, v in medians.items()))
+        mc, left, cells = compared(ranked, column)
+        medians = _per_method([r for r in ranked if r["method"] in mc], column)
+        if medians and column not in ("mask_l1", "temperature"):
+            lines.append(
+                f"- median {LABELS[column]} over {len(cells)} cells: " + ", ".join(f"`{m}` {_fmt(v)}" for m, v in medians.items())
+                + (f" (not in every cell: {', '.join(f'`{m}`' for m in left)})" if left else "")
+            )
     lines += _limits(rows) + _speedups(rows, time)
     return lines
 
@@ -196,11 +238,12 @@ def table(rows: list[dict], suite) -> list[str]:
     """A Markdown table: one line per input, one column per method, "quality · time" in each."""
     metric = suite.quality[0]
     methods = list(dict.fromkeys(r["method"] for r in rows))
+    level = any(r.get("level") is not None for r in rows)
     lines = [
-        "| batch | n | k | dtype | " + " | ".join(f"`{m}`" for m in methods) + " |",
-        "|---:|---:|---:|---|" + "---|" * len(methods),
+        "| batch | n | k | " + ("level | " if level else "") + "dtype | " + " | ".join(f"`{m}`" for m in methods) + " |",
+        "|---:|---:|---:|" + ("---:|" if level else "") + "---|" + "---|" * len(methods),
     ]
-    for (batch, n, k, dtype, _), cell in _cells(rows).items():
+    for (batch, n, k, dtype, _, lv, _), cell in _cells(rows).items():
         by_method = {r["method"]: r for r in cell}
         entries = []
         for m in methods:
@@ -212,7 +255,7 @@ def table(rows: list[dict], suite) -> list[str]:
             else:
                 q = _fmt(r[metric]) + " · " if metric in r else ""
                 entries.append(q + _fmt(r.get(suite.time, r.get("fwd_ms"))) + " ms")
-        lines.append(f"| {batch} | {n} | {k} | {dtype} | " + " | ".join(entries) + " |")
+        lines.append(f"| {batch} | {n} | {k} | " + (f"{lv} | " if level else "") + f"{dtype} | " + " | ".join(entries) + " |")
     legend = f"Each cell: {LABELS[metric]} · {LABELS[suite.time]}"
     extra = [LABELS[c] for c in suite.metrics if c != metric]
     return lines + ["", legend + (f" (the CSV also has {', '.join(extra)} and peak memory)." if extra else " (peak memory in the CSV).")]
@@ -230,6 +273,7 @@ def write_report(rows: list[dict], suites: dict, out: Path, header: list[str], p
         if mine:
             text += [f"## `{name}`: {suite.title}", "", *table(mine, suite), ""]
             text += [f"![{p}]({p})" for p in plots if p.endswith(f"_{name}.png")] + [""]
-    path = out / "report.md"
-    path.write_text("\n".join(text))
+    path, partial = out / "report.md", out / ".report.md.partial"
+    partial.write_text("\n".join(text))
+    os.replace(partial, path)  # a reader (or a second Ctrl-C) never sees half a report
     return path

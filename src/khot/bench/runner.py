@@ -59,7 +59,7 @@ def _progress(total: int, enabled: bool):
 def _measure(task: Task, history: dict) -> dict:
     """Measure one task, or say why not; ``history`` holds each method's last success or failure."""
     cell, s, m = task.cell, task.settings, task.impl
-    key = (task.suite, s.dtype, task.method)
+    key = (task.suite, s.dtype, task.method, cell.level, cell.task)
     last_ok, failed = history.get(key, (None, None))
     if failed and m.work(cell) >= m.work(failed[0]):
         return {"status": f"skipped: {failed[1].split(':')[0]} at n = {failed[0].n}"}
@@ -93,13 +93,15 @@ def run(tasks: list[Task], csv_path: Path, progress: bool = True) -> tuple[list[
     bar = _progress(len(tasks), progress)
     try:
         for i, t in enumerate(tasks, 1):
-            label = f"{t.suite} {t.method} b={t.cell.batch} n={t.cell.n} k={t.cell.k} {str(t.settings.dtype)[6:]}"
+            extra = "".join(f" {v}" for v in (t.cell.level, t.cell.task) if v is not None)
+            label = f"{t.suite} {t.method} b={t.cell.batch} n={t.cell.n} k={t.cell.k}{extra} {str(t.settings.dtype)[6:]}"
             if bar is not None:
                 bar.set_postfix_str(label, refresh=False)
             row = {
                 "suite": t.suite, "method": t.method, "source": t.impl.source, "version": _version(t.impl.source),
                 "reference": int(t.impl.reference), "baseline": t.impl.baseline or "",
-                "batch": t.cell.batch, "n": t.cell.n, "k": t.cell.k, "dtype": str(t.settings.dtype)[6:],
+                "task": t.cell.task, "batch": t.cell.batch, "n": t.cell.n, "k": t.cell.k, "level": t.cell.level,
+                "dtype": str(t.settings.dtype)[6:],
                 "device": str(t.settings.device), **_measure(t, history),
                 "torch": torch.__version__, "khot": khot.__version__,
             }  # fmt: skip

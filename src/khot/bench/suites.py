@@ -7,21 +7,25 @@ quality). Budgets, skips and errors are the runner's business (:mod:`khot.bench.
 =============  =====================================================================  ===============
 suite          inputs and quality                                                     methods
 =============  =====================================================================  ===============
-``selection``  seed 002's grid: batch 16, d = 32, scores ~ U[0, 1], rows ~ U[-1, 1];   soft_select +
+``selection``  successive halving's grid: batch 16, d = 32, scores ~ U[0, 1], rows ~ U[-1, 1];   soft_select +
                nCCS of the k selected rows against the exact top-k rows               peers
-``masks``      scores ~ N(0, 1), k = n / 10, n up to 10^6 (10^7 with ``--full``);     soft_topk +
-               L1 distance to the exact k-hot mask / 2k, |Σ mask - k|, and for n      peers
-               <= 128 the cosine between the gradient and a finite-difference one
+``masks``      scores ~ N(0, 1), k = n / 10, n up to 10^6 (10^7 with ``--full``),     khot.methods()
+               each method at the temperature where its mask is 0.3, 0.1, 0.03        + peers
+               from the exact one (L1 / 2k); time, |Σ mask - k|, the cosine of
+               its gradient with finite differences (n <= 128) and with the
+               gradient of the exact mask smoothed to that level (n <= 1000)
 ``exact``      scores ~ N(0, 1); khot's exact ops against torch.topk + scatter        khot.topk_mask,
                                                                                       keep_topk
-``sampling``   π = sigmoid top-k of N(0, 1) scores; max |P(i drawn) - π_i| from       pips_sample
-               up to 20000 draws of one slice (and as a z-score: ~3-4 is sampling     designs
-               noise), time of one draw of the batch
+``sampling``   π = sigmoid top-k of N(0, 1) scores; from up to 20000 draws of one     pips_sample
+               slice, the chi-square p-value of the inclusion frequencies against π   designs
+               (an exact design gives p ~ U(0, 1)), max |P(i drawn) - π_i| and its
+               z-score; time of one draw of the batch
 =============  =====================================================================  ===============
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from dataclasses import dataclass
@@ -40,18 +44,25 @@ from .measure import baseline_keep, baseline_mask, median_ms, peak_mib
 
 __all__ = ["Cell", "Method", "Settings", "Suite", "SUITES", "TooSlow", "problem"]
 
-D = 32  # row width of the selection suite (seed 002)
+D = 32  # row width of the selection suite (the successive-halving paper's)
+LEVELS = (0.3, 0.1, 0.03)  # the sharpness levels of the masks suite: L1 to the exact mask / 2k
 GRAD_MAX_N = 128  # largest n whose gradient is checked against finite differences (2n calls)
 BASE_20 = 1 / math.log(20)  # halving at the paper's base 20
 
 
 @dataclass(frozen=True)
 class Cell:
-    """One input size: ``batch`` independent slices of ``n`` items, ``k`` of them selected."""
+    """One input size: ``batch`` independent slices of ``n`` items, ``k`` of them selected.
+
+    ``level``, where a suite uses it, is the sharpness every relaxation is matched to (its
+    mask's L1 distance to the exact mask / 2k); ``task`` names a task of the ``tasks`` suite.
+    """
 
     batch: int
     n: int
     k: int
+    level: float | None = None
+    task: str | None = None
 
 
 @dataclass(frozen=True)
@@ -62,7 +73,8 @@ class Method:
     proportional to its cost (to predict the time of a bigger cell from a smaller one);
     ``memory(batch, n, k)`` estimates its bytes where that can exceed the machine;
     ``baseline`` names the reference method its time is compared with; a ``reference``
-    is timed but not ranked.
+    is timed but not ranked; ``tempered(x, k, temperature)`` is the method at a chosen
+    sharpness (relaxed masks).
     """
 
     fn: Callable
@@ -71,6 +83,7 @@ class Method:
     memory: Callable[[int, int, int], float] | None = None
     baseline: str | None = None
     reference: bool = False
+    tempered: Callable | None = None
 
 
 @dataclass(frozen=True)
@@ -138,7 +151,7 @@ def _fwd_bwd(fn: Callable, inputs: tuple[torch.Tensor, ...], s: Settings) -> dic
 
 
 def problem(n: int, k: int, batch: int = 16, d: int = D, seed: int = 0, device="cpu", dtype=torch.float32):
-    """Seed 002's problem: rows ``(batch, n, d)`` ~ U[-1, 1], scores ~ U[0, 1] and the exact top-k rows."""
+    """The successive-halving paper's problem (Pietruszka et al. 2021): rows ``(batch, n, d)`` ~ U[-1, 1], scores ~ U[0, 1] and the exact top-k rows."""
     g = torch.Generator().manual_seed(seed)
     s = torch.rand(batch, n, generator=g)
     x = torch.rand(batch, n, d, generator=g) * 2 - 1
@@ -166,28 +179,152 @@ def _measure_selection(method: Method, cell: Cell, s: Settings) -> dict:
 # ----------------------------------------------------------------------------- masks
 
 
-def _masks_methods() -> dict[str, Method]:
-    works = {
-        "sigmoid": lambda c: c.batch * c.n,
-        "halving": lambda c: c.batch * c.n * math.log2(c.n),
-        "iterative": lambda c: c.batch * c.n * c.k,
-        "counting": lambda c: c.batch * c.n * c.n,
-    }
-    out = {
-        name: Method(lambda x, k, f=fn, t=t: f(x, k, -1, temperature=t), work=works[name], baseline="softmax")
+def _cost_work(cost: str | None) -> Callable[[Cell], float]:
+    """The ``work`` of a method from the registry's cost text (``"O(n)"``, ``"O(n log n)"``, ``"O(kn)"``, ``"O(n²)"``)."""
+    text = (cost or "O(n²)").replace(" ", "").lower()
+    if "²" in text or "^2" in text or "n*n" in text:
+        return lambda c: c.batch * c.n * c.n
+    if "k" in text.split("log")[0]:
+        return lambda c: c.batch * c.n * c.k
+    if "log" in text:
+        return lambda c: c.batch * c.n * math.log2(c.n)
+    return lambda c: c.batch * c.n
+
+
+@dataclass(frozen=True)
+class _Relaxation:
+    """The fields of a :func:`khot.methods` record that the bench uses (a stand-in until every method has one)."""
+
+    name: str
+    mask: Callable
+    default_temperature: float
+    stochastic: bool = False
+    cost: str | None = None
+    select: Callable | None = None
+
+
+_COSTS = {"sigmoid": "O(n)", "halving": "O(n log n)", "iterative": "O(kn)", "counting": "O(n²)"}
+
+
+def relaxations() -> dict:
+    """Every relaxed top-k of khot, by name: the records of ``khot.methods()`` (the method
+    registry), so a method added there is benchmarked without touching the bench."""
+    if hasattr(khot, "methods"):
+        records = khot.methods()
+        return {r.name: r for r in (records.values() if isinstance(records, dict) else records) if r.mask is not None}
+    select = {name: fn for name, (fn, _) in SELECT_METHODS.items()}
+    return {
+        name: _Relaxation(name, fn, t, cost=_COSTS.get(name), select=select.get(name))
         for name, (fn, t) in MASK_METHODS.items()
     }
-    # sigmoid top-k also at halving's default sharpness: both weigh sigmoid(score difference / τ)
-    sigmoid, sharp = MASK_METHODS["sigmoid"][0], MASK_METHODS["halving"][1]
-    out[f"sigmoid-t{sharp}"] = Method(
-        lambda x, k: sigmoid(x, k, -1, temperature=sharp), work=works["sigmoid"], baseline="softmax"
-    )
+
+
+def _seeded(fn: Callable, stochastic: bool, seed: int) -> Callable:
+    """``fn``, called with a generator seeded by ``seed`` when it draws random numbers."""
+    if not stochastic:
+        return fn
+    if "generator" in inspect.signature(fn).parameters:
+        return lambda *a, **kw: fn(*a, generator=torch.Generator(a[0].device).manual_seed(seed), **kw)
+
+    def call(*a, **kw):
+        with torch.random.fork_rng(devices=[a[0].device] if a[0].device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            return fn(*a, **kw)
+
+    return call
+
+
+def _masks_methods() -> dict[str, Method]:
+    out = {}
+    for name, r in relaxations().items():
+        mask = _seeded(r.mask, r.stochastic, 0)
+        out[name] = Method(
+            lambda x, k, f=mask, t=r.default_temperature: f(x, k, -1, temperature=t),
+            work=_cost_work(r.cost),
+            baseline="softmax",
+            tempered=lambda x, k, t, f=mask: f(x, k, -1, temperature=t),
+        )
     for name, (package, fn, memory) in peers.mask_methods().items():
-        work = (lambda c: c.batch * c.n * c.n * math.log2(c.n) ** 2) if memory else works["sigmoid"]
-        out[name] = Method(fn, package, work, memory, baseline="softmax")
+        work = (lambda c: c.batch * c.n * c.n * math.log2(c.n) ** 2) if memory else _cost_work("O(n log n)")
+        # a peer's sharpness: its scores divided by a temperature (entmax, the sorting networks'
+        # steepness and torchsort's regularisation all scale with it)
+        tempered = lambda x, k, t, f=fn: f(x / t, k)  # noqa: E731
+        out[name] = Method(fn, package, work, memory, baseline="softmax", tempered=tempered)
     out["torch-topk"] = Method(lambda x, k: baseline_mask(x, k, -1), "torch", reference=True)
     out["softmax"] = Method(lambda x, k: torch.softmax(x, -1), "torch", reference=True)
     return out
+
+
+def _l1(mask: torch.Tensor, exact: torch.Tensor, k: int) -> float:
+    """Mean over the slices of the L1 distance between a relaxed mask and the exact one, / 2k."""
+    return ((mask.float() - exact.float()).abs().sum(-1) / (2 * k)).mean().item()
+
+
+def matched_temperature(fn: Callable, x: torch.Tensor, k: int, level: float, start: float = 1.0) -> tuple[float, float]:
+    """The temperature at which ``fn(x, k, temperature)`` is ``level`` from the exact mask
+    (L1 / 2k), and the distance reached: bisection on log τ (within 3 % of ``level``, or the
+    closest of 40 evaluations, e.g. where a method never gets that far)."""
+    exact = khot.topk_mask(x, k)
+    seen = {}
+
+    def dist(log_t):
+        with torch.no_grad():
+            d = _l1(fn(x, k, math.exp(log_t)), exact, k)
+        seen[log_t] = d if math.isfinite(d) else math.inf
+        return seen[log_t]
+
+    lo = hi = math.log(start)
+    step = math.log(4.0)
+    while dist(lo) > level and len(seen) < 20:
+        hi, lo = lo, lo - step
+    while dist(hi) < level and len(seen) < 20:
+        lo, hi = hi, hi + step
+    while len(seen) < 40 and abs(dist((lo + hi) / 2) - level) > 0.03 * level:
+        lo, hi = ((lo + hi) / 2, hi) if seen[(lo + hi) / 2] < level else (lo, (lo + hi) / 2)
+    best = min(seen, key=lambda t: abs(seen[t] - level))
+    return math.exp(best), seen[best]
+
+
+_SMOOTHED: dict = {}
+
+
+def smoothed_exact_gradient(x: torch.Tensor, k: int, level: float, g: torch.Tensor, seed: int) -> torch.Tensor:
+    """The gradient of ``<g, E[topk_mask(x + σε)]>``, ε ~ N(0, I), with σ chosen so that the
+    expected mask is ``level`` from the exact one: the exact-mask objective smoothed to the
+    same closeness as the relaxations it is compared with (the perturbed-optimiser view of
+    Berthet et al. 2020, "Learning with differentiable perturbed optimizers").
+
+    Monte Carlo, conditioned on the other items' noise (so each draw gives every item a smooth
+    term): item j is in the top k iff ``x_j + σε_j`` exceeds ``t_j``, the k-th largest of the
+    others, and swapping j in replaces item ``r_j`` (that k-th largest), so
+    ``∂/∂x_j = E[(g_j - g_{r_j}) φ((t_j - x_j) / σ)] / σ`` and ``E[mask_j] = E[Φ((x_j - t_j) / σ)]``.
+    """
+    key = (tuple(x.shape), k, level, seed, x.device, x.dtype, x.double().sum().item(), g.double().sum().item())
+    if key not in _SMOOTHED:
+        _SMOOTHED.clear()
+        _SMOOTHED[key] = _smoothed_exact_gradient(x.double(), k, level, g.double(), seed)
+    return _SMOOTHED[key]
+
+
+def _smoothed_exact_gradient(x, k, level, g, seed):
+    gen = torch.Generator(x.device).manual_seed(seed)
+    samples = max(64, 2**19 // x.numel())
+    eps = torch.randn(samples // 2, *x.shape, generator=gen, device=x.device, dtype=x.dtype)
+    eps = torch.cat([eps, -eps])
+    normal = torch.distributions.Normal(torch.zeros((), dtype=x.dtype, device=x.device), 1.0)
+
+    def threshold(sigma):  # t_j and r_j of every draw
+        z = x + sigma * eps
+        vals, idx = z.topk(k + 1, -1)
+        inside = z >= vals[..., k - 1 : k]  # ties have probability 0
+        t = torch.where(inside, vals[..., k : k + 1], vals[..., k - 1 : k])
+        return t, torch.where(inside, idx[..., k : k + 1], idx[..., k - 1 : k])
+
+    expected = lambda z, k, sigma: normal.cdf((z - threshold(sigma)[0]) / sigma).mean(0)  # noqa: E731
+    sigma, _ = matched_temperature(expected, x, k, level, start=0.1)
+    t, r = threshold(sigma)
+    swing = g - g.expand(eps.shape).gather(-1, r)
+    return (swing * normal.log_prob((t - x) / sigma).exp()).mean(0) / sigma
 
 
 def _finite_difference_cosine(fn: Callable, x: torch.Tensor, k: int, s: Settings) -> float:
@@ -204,20 +341,36 @@ def _finite_difference_cosine(fn: Callable, x: torch.Tensor, k: int, s: Settings
     return F.cosine_similarity(leaf.grad.flatten(), numeric.flatten(), dim=0).item()
 
 
+JAC_MAX_N = 1000  # largest n whose Jacobian is compared with the smoothed exact mask's
+_MATCHED: dict = {}  # (method, level, k/n) -> the temperature found at the last n: the next search starts there
+
+
 def _measure_masks(method: Method, cell: Cell, s: Settings) -> dict:
     x = torch.randn(cell.batch, cell.n, generator=_generator(s), device=s.device).to(s.dtype)
-    out = {**_fwd_bwd(lambda z: method.fn(z, cell.k), (x,), s)}
+    out = {}
+    fn = method.fn
+    if cell.level is not None and not method.reference:
+        key = (id(method.tempered), cell.level, cell.k / cell.n)
+        t, _ = matched_temperature(method.tempered, x, cell.k, cell.level, _MATCHED.get(key, 1.0))
+        _MATCHED[key] = out["temperature"] = t
+        fn = lambda z, k, f=method.tempered: f(z, k, t)  # noqa: E731
+    out.update(_fwd_bwd(lambda z: fn(z, cell.k), (x,), s))
     if method.reference:
         return out
-    m = method.fn(x, cell.k).float()
-    exact = khot.topk_mask(x, cell.k).float()
-    out["mask_l1"] = ((m - exact).abs().sum(-1) / (2 * cell.k)).mean().item()
+    m = fn(x, cell.k).float()
+    out["mask_l1"] = _l1(m, khot.topk_mask(x, cell.k), cell.k)
     out["sum_err"] = (m.sum(-1) - cell.k).abs().mean().item()
-    if cell.n <= GRAD_MAX_N and 2 * cell.n * out["fwd_ms"] / 1e3 <= s.budget_s:  # 2n calls
-        try:
-            out["grad_cos"] = _finite_difference_cosine(method.fn, x, cell.k, s)
-        except RuntimeError:  # no float64 path (e.g. a peer's float32 network)
-            pass
+    try:  # no float64 path (e.g. a peer's float32 network): no gradient columns
+        if cell.n <= GRAD_MAX_N and 2 * cell.n * out["fwd_ms"] / 1e3 <= s.budget_s:  # 2n calls
+            out["grad_cos"] = _finite_difference_cosine(fn, x, cell.k, s)
+        if cell.level is not None and cell.n <= JAC_MAX_N:
+            g = torch.randn(x.shape, generator=_generator(s), device=x.device, dtype=torch.float64)
+            leaf = x.detach().double().requires_grad_()
+            (fn(leaf, cell.k) * g).sum().backward()
+            reference = smoothed_exact_gradient(x, cell.k, cell.level, g, s.seed)
+            out["jac_cos"] = F.cosine_similarity(leaf.grad, reference, dim=-1).mean().item()
+    except RuntimeError:
+        pass
     return out
 
 
@@ -276,8 +429,12 @@ def _measure_sampling(method: Method, cell: Cell, s: Settings) -> dict:
     chunks = [min(size, draws - i) for i in range(0, draws, size)]
     freq = sum(method.fn(pi[:1].expand(c, -1).contiguous(), gen).double().sum(0) for c in chunks)
     err = (freq / draws - row).abs()
-    noise = (row * (1 - row) / draws).sqrt().clamp_min(1 / draws)
-    return {**out, "incl_err": err.max().item(), "incl_z": (err / noise).max().item(), "draws": draws}
+    z2 = (freq - draws * row).square() / (draws * row * (1 - row)).clamp_min(1e-12)
+    # an exact design: each z² has mean 1; their sum is close to chi-square with n - 1 degrees of
+    # freedom (the sample size is fixed), so a p-value far below 0.001 is a biased design
+    df = torch.tensor(cell.n - 1.0, dtype=torch.float64)
+    p = torch.special.gammaincc(df / 2, z2.sum() / 2).item()
+    return {**out, "incl_err": err.max().item(), "incl_z": z2.max().sqrt().item(), "incl_p": p, "draws": draws}
 
 
 # ----------------------------------------------------------------------------- registry
@@ -287,7 +444,8 @@ def _measure_sampling(method: Method, cell: Cell, s: Settings) -> dict:
 class Suite:
     """A suite: its default and ``--full`` cells, its methods and its measuring function.
 
-    ``quality`` is its headline quality column and whether higher is better; ``time`` the
+    ``quality`` is its headline quality column and whether higher is better (``None``: a
+    p-value, not ranked); ``time`` the
     time column it ranks by; ``metrics`` all its quality columns; ``by`` what its summary
     groups the cells by (``"n"`` or ``"n/k"``).
     """
@@ -297,7 +455,7 @@ class Suite:
     full: tuple[Cell, ...]
     methods: Callable[[], dict[str, Method]]
     measure: Callable[[Method, Cell, Settings], dict]
-    quality: tuple[str, bool]
+    quality: tuple[str, bool | None]
     time: str = "fwd_bwd_ms"
     metrics: tuple[str, ...] = ()
     by: str = "n"
@@ -319,13 +477,14 @@ SUITES: dict[str, Suite] = {
         by="n/k",
     ),
     "masks": Suite(
-        "Relaxed k-hot masks, k = n/10 (sigmoid top-k scalability)",
-        tuple(Cell(4, 10**e, 10 ** (e - 1)) for e in range(2, 7)),
-        tuple(Cell(4, 10**e, 10 ** (e - 1)) for e in range(2, 8)),
+        "Relaxed k-hot masks at matched sharpness, k = n/10",
+        tuple(Cell(4, 10**e, 10 ** (e - 1), level) for level in LEVELS for e in range(2, 7)),
+        tuple(Cell(4, 10**e, 10 ** (e - 1), level) for level in LEVELS for e in range(2, 8)),
         _masks_methods,
         _measure_masks,
-        ("mask_l1", False),
-        metrics=("mask_l1", "sum_err", "grad_cos"),
+        ("jac_cos", True),
+        metrics=("jac_cos", "grad_cos", "sum_err", "mask_l1", "temperature"),
+        by="level",
     ),
     "exact": Suite(
         "Exact top-k against torch.topk + scatter",
@@ -339,12 +498,12 @@ SUITES: dict[str, Suite] = {
     ),
     "sampling": Suite(
         "k-hot sampling (πps designs)",
-        (Cell(64, 1000, 10), Cell(64, 10_000, 100)),
-        (Cell(64, 1000, 10), Cell(64, 10_000, 100), Cell(64, 10_000, 1000), Cell(64, 100_000, 100)),
+        (Cell(64, 1000, 10), Cell(64, 1000, 100), Cell(64, 10_000, 1000)),
+        (Cell(64, 1000, 10), Cell(64, 1000, 100), Cell(64, 10_000, 1000), Cell(64, 100_000, 10_000)),
         _sampling_methods,
         _measure_sampling,
-        ("incl_z", False),
+        ("incl_p", None),
         time="fwd_ms",
-        metrics=("incl_z", "incl_err"),
+        metrics=("incl_p", "incl_z", "incl_err"),
     ),
 }
