@@ -87,6 +87,7 @@ except ImportError:  # pragma: no cover
 if griffe is not None:
     _DOCTEST = re.compile(r"(?m)^(?P<indent>[ \t]*)>>> .*\n(?:(?P=indent)(?!\s*$).*(?:\n|$))*")
 
+    _SECTION = re.compile(r"[ \t]*[A-Z][\w ]*:[ \t]*$")  # "Example:", "Returns:", ...
     _ROLE = re.compile(r":(?:func|class|meth|mod|attr|data|exc|obj):`~?([^`]+)`")
 
     class DoctestBlocks(griffe.Extension):
@@ -102,8 +103,15 @@ if griffe is not None:
             if ">>> " not in doc.value:
                 return
 
+            text = doc.value
+
             def fence(match: re.Match) -> str:
                 indent, block = match["indent"], match[0].rstrip("\n")
+                before = [line for line in text[: match.start()].splitlines() if line.strip()]
+                outer = re.match(r"[ \t]*", before[-1])[0] if before else ""
+                if len(outer) < len(indent) and not _SECTION.match(before[-1]):  # a block indented under prose
+                    block = re.sub(rf"(?m)^{indent[len(outer):]}", "", block)
+                    indent = outer
                 return f"{indent}```pycon\n{block}\n{indent}```\n"
 
-            doc.value = _DOCTEST.sub(fence, doc.value)
+            doc.value = _DOCTEST.sub(fence, text)
