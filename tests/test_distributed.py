@@ -106,14 +106,14 @@ def _assert_same(actual: torch.Tensor, expected: torch.Tensor, what: str) -> Non
 
 def _check_exact(rank: int, world: int) -> None:
     cases = 0
-    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.int32):
+    for dtype in (torch.float32, torch.bfloat16, torch.int32):
         for shape, dim in (((11,), 0), ((3, 17), 1), ((13, 2, 3), 0), ((2, 3, 9), -1)):
             n = shape[dim]
             for pattern in range(3):
                 lengths = _lengths(n, world, pattern)
                 full = _tricky(shape, dtype, seed=cases)
                 x = _mine(full, lengths, dim, rank)
-                for k in sorted({0, 1, 2, min(max(lengths) + 1, n), n - 1, n}):
+                for k in sorted({0, 2, min(max(lengths) + 1, n), n}):
                     for largest in (True, False):
                         what = f"{dtype} {shape} dim={dim} lengths={lengths} k={k} largest={largest}"
                         values, indices = kd.sharded_topk(x, k, dim, largest=largest)
@@ -132,7 +132,7 @@ def _check_exact(rank: int, world: int) -> None:
         _assert_same(indices, ref.indices[:, :k], f"long k={k}")
         mask = kd.sharded_topk_mask(_mine(full, lengths, 1, rank), k)
         _assert_same(mask, _mine(khot.topk_mask(full, k), lengths, 1, rank), f"long mask k={k}")
-    assert cases > 500
+    assert cases > 200
 
 
 def _reference_sigmoid(x: torch.Tensor, k, tau) -> torch.Tensor:
@@ -226,7 +226,7 @@ def _gather(local: torch.Tensor, lengths: list[int]) -> torch.Tensor:
 def _gradcheck_sigmoid(rank: int, world: int) -> None:
     """gradcheck of the sharded op made a function of replicated tensors (every rank runs the
     same evaluations, so the collectives line up)."""
-    n = 2 * world + 1
+    n = world + 2
     lengths = _lengths(n, world, 1)
     g = torch.Generator().manual_seed(2)
     full = torch.randn(2, n, generator=g, dtype=torch.float64, requires_grad=True)

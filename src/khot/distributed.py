@@ -44,6 +44,7 @@ tensor([4])
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import numbers
 from dataclasses import dataclass
@@ -163,15 +164,14 @@ def _shard(name: str, x, dim, group, check) -> _Shard:
         meta = (shape, d, x.shape[d] if x.dim() else 1, str(x.dtype), x.device.type, same)
     except (TypeError, ValueError) as e:
         error = (type(e).__name__, str(e))
-    gathered = [None] * dist.get_world_size(group)
-    dist.all_gather_object(gathered, (error, meta), group=group)
+    gathered = _all_gather_json((error, meta), group)
     for r, (err, _) in enumerate(gathered):
         if err is not None:
             raise _ERRORS[err[0]](f"{name}: rank {r}: {err[1]}")
     metas = [m for _, m in gathered]
     for what, i in (("dim", 1), ("dtype", 3), ("device type", 4), ("shape (except along dim)", 0)):
         values = [m[i] for m in metas]
-        if len(set(values)) > 1:
+        if any(v != values[0] for v in values):
             raise ValueError(f"{name}: the ranks disagree on the {what} of x: {_by_rank(values)}")
     for arg in metas[0][5]:
         values = [m[5][arg] for m in metas]
@@ -179,6 +179,24 @@ def _shard(name: str, x, dim, group, check) -> _Shard:
             raise ValueError(f"{name}: every rank must pass the same {arg}, got {_by_rank(values)}")
     local = x.reshape(1) if x.dim() == 0 else x.movedim(metas[0][1], -1)
     return _Shard(local, metas[0][1], group, dist.get_rank(group), [m[2] for m in metas], dtensor)
+
+
+_META_BYTES = 2048  # room for one rank's metadata (shapes, arguments, an error message)
+
+
+def _all_gather_json(value, group) -> list:
+    """Every rank's ``value`` (JSON data), in one all-gather of a fixed-size byte buffer."""
+    text = json.dumps(value)
+    if len(text.encode()) > _META_BYTES:  # only a long error message can be this long: cut it
+        error, meta = value
+        text = json.dumps(((error[0], error[1][: _META_BYTES // 8] + " ..."), meta))
+    data = text.encode()
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    buffer = torch.zeros(_META_BYTES, dtype=torch.uint8)
+    buffer[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    parts = [torch.empty(_META_BYTES, dtype=torch.uint8, device=device) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, buffer.to(device), group=group)
+    return [json.loads(bytes(p.cpu().tolist()).rstrip(b"\0").decode()) for p in parts]
 
 
 def _by_rank(values) -> str:
