@@ -7,8 +7,12 @@ tiny: the interpreter runs a kernel as numpy code, one program at a time.
 """
 
 import importlib
+import importlib.util
 import itertools
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -208,3 +212,25 @@ def test_router_gradient():
 
     logits = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda z: router_topk(z, 2, True, True)[0], (logits,))
+
+
+def test_kernels_compile_for_a_gpu(tmp_path):
+    """The GPU compiler is stricter than the interpreter: build some variants for sm_90 (no GPU
+    needed; ``python -m khot._triton.check`` builds them all)."""
+    names = ["exact row bf16 out=1", "exact chunk fp32 pass 5", "sigmoid fp32 one block=False", "router bf16"]
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
+    done = subprocess.run([sys.executable, "-m", "khot._triton.check", *names], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip() == "4 kernel variants compile for GPUTarget(backend='cuda', arch=90, warp_size=32)"
+
+
+def test_gpu_benchmark_without_a_gpu(capsys, monkeypatch):
+    """benchmarks/gpu.py says why it cannot run, and its table rows are right."""
+    spec = importlib.util.spec_from_file_location("gpu_benchmark", Path(__file__).parents[1] / "benchmarks" / "gpu.py")
+    gpu = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, gpu)
+    spec.loader.exec_module(gpu)
+    assert gpu.row(gpu.Cell("c", None, None, 10**9), 0.5, 2.0, 4000.0) == "| c | 0.500 | 2.000 | 4.00x | 2000 GB/s (50 % of copy) |"
+    if not torch.cuda.is_available():
+        assert gpu.main([]) == 2
+        assert "needs a CUDA GPU" in capsys.readouterr().err

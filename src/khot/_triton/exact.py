@@ -106,11 +106,19 @@ def _pick(hist, need):
 
 
 @triton.jit
+def _digit(key, SHIFT: tl.constexpr):
+    """The 8-bit digit of ``key`` at bit ``SHIFT``, as int32."""
+    return ((key >> SHIFT) & 255).to(tl.int32)
+
+
+@triton.jit
 def _matches(key, prefix, SHIFT: tl.constexpr, BITS: tl.constexpr):
     """Whether ``key`` has the digits of ``prefix`` above bit ``SHIFT + 8``."""
     if SHIFT + 8 >= BITS:
-        return key == key
-    return (key >> (SHIFT + 8)) == (prefix >> (SHIFT + 8))
+        same = key == key
+    else:
+        same = (key >> (SHIFT + 8)) == (prefix >> (SHIFT + 8))
+    return same
 
 
 @triton.jit
@@ -161,10 +169,9 @@ def _row_kernel(
     key = _keys(x, BITS, KIND, LARGEST, MAGNITUDE)
     prefix = tl.zeros((), dtype=key.dtype)
     for p in tl.static_range(BITS // 8):
-        shift: tl.constexpr = BITS - 8 * (p + 1)
-        here = valid & _matches(key, prefix, shift, BITS)
-        digit, need = _pick(tl.histogram(((key >> shift) & 255).to(tl.int32), 256, mask=here), need)
-        prefix = prefix | (digit.to(prefix.dtype) << shift)
+        here = valid & _matches(key, prefix, BITS - 8 * (p + 1), BITS)
+        digit, need = _pick(tl.histogram(_digit(key, BITS - 8 * (p + 1)), 256, mask=here), need)
+        prefix = prefix | (digit.to(prefix.dtype) << (BITS - 8 * (p + 1)))
     _write(x, key, cols, valid, prefix, need, 0, 0, out_row, col_stride, k, OUT)
 
 
@@ -176,9 +183,8 @@ def _threshold(hist_ptr, row, need, DIGITS: tl.constexpr, BITS: tl.constexpr):
     else:
         prefix = tl.zeros((), dtype=tl.uint32)
     for p in tl.static_range(DIGITS):
-        shift: tl.constexpr = BITS - 8 * (p + 1)
         digit, need = _pick(tl.load(hist_ptr + (row * (BITS // 8) + p) * 256 + tl.arange(0, 256)), need)
-        prefix = prefix | (digit.to(prefix.dtype) << shift)
+        prefix = prefix | (digit.to(prefix.dtype) << (BITS - 8 * (p + 1)))
     return prefix, need
 
 
@@ -197,13 +203,12 @@ def _chunk_pass(
     valid = cols < n
     x = tl.load(x_row + cols.to(tl.int64) * sx_col, mask=valid)
     key = _keys(x, BITS, KIND, LARGEST, MAGNITUDE)
-    DIGITS: tl.constexpr = BITS // 8
     prefix, need = _threshold(hist_ptr, row, need, FOUND, BITS)
-    if PASS < DIGITS:
-        shift: tl.constexpr = BITS - 8 * (PASS + 1)
-        hist = tl.histogram(((key >> shift) & 255).to(tl.int32), 256, mask=valid & _matches(key, prefix, shift, BITS))
-        tl.atomic_add(hist_ptr + (row * DIGITS + PASS) * 256 + tl.arange(0, 256), hist, sem="relaxed")
-    elif PASS == DIGITS:
+    if PASS < BITS // 8:
+        here = valid & _matches(key, prefix, BITS - 8 * (PASS + 1), BITS)
+        hist = tl.histogram(_digit(key, BITS - 8 * (PASS + 1)), 256, mask=here)
+        tl.atomic_add(hist_ptr + (row * (BITS // 8) + PASS) * 256 + tl.arange(0, 256), hist, sem="relaxed")
+    elif PASS == BITS // 8:
         counts = counts_ptr + (row * chunks + chunk) * 2
         tl.store(counts, tl.sum(((key == prefix) & valid).to(tl.int32), 0))
         tl.store(counts + 1, tl.sum(((key > prefix) & valid).to(tl.int32), 0))

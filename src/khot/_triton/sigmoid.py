@@ -70,7 +70,7 @@ def _key(t):
 @triton.jit
 def _forward_kernel(
     x_ptr, k_ptr, r_ptr, out_ptr, n, stride_row, stride_col,
-    TOL_W: tl.constexpr, TOL_K: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr, EVALUATIONS: tl.constexpr,
+    TOL_W: tl.constexpr, TOL_K: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr, ONE_BLOCK: tl.constexpr, NEWTON: tl.constexpr, EVALUATIONS: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_row
@@ -108,6 +108,7 @@ def _forward_kernel(
     newton = tl.zeros((), dtype=tl.int32)
     evaluation = tl.zeros((), dtype=tl.int32)
     going = tl.full((), True, tl.int1)
+    stopped = tl.full((), False, tl.int1)
     while going:
         f = tl.zeros((), dtype=tl.float64)
         w = tl.zeros((), dtype=tl.float64)
@@ -131,12 +132,13 @@ def _forward_kernel(
         adjacent = (middle == a) | (middle == b)
         mid = _key(middle).to(tl.float64, bitcast=True)
         evaluation += 1
-        going = ~(done | adjacent) & (evaluation < EVALUATIONS)
+        stopped = done | adjacent
+        going = ~stopped & (evaluation < EVALUATIONS)
         move = going & good
         t = tl.where(going, tl.where(good, new, mid), t)
         previous = tl.where(move, tl.abs(step), float("inf"))
         newton += move.to(tl.int32)
-    failed = ~(done | adjacent)  # never reached: the bisection alone ends within 64 evaluations
+    failed = ~stopped  # never reached: the bisection alone ends within 64 evaluations
     for start in range(0, n, BLOCK):
         if not ONE_BLOCK:
             xs, cols, valid = _load(x_row, start, n, stride_col, F64, BLOCK)
@@ -162,7 +164,7 @@ def sigmoid_topk_forward(x: Tensor, k: Tensor, inv_tau: Tensor) -> Tensor:
     block = min(BLOCK, triton.next_power_of_2(n))
     _forward_kernel[(rows,)](
         x2, k, r, out, n, x2.stride(0), x2.stride(1),
-        TOL_W=tol_w, TOL_K=tol_k, F64=f64, BLOCK=block, ONE_BLOCK=n <= block, EVALUATIONS=1 + NEWTON + 64, num_warps=4 if block <= 1024 else 8,
+        TOL_W=tol_w, TOL_K=tol_k, F64=f64, BLOCK=block, ONE_BLOCK=n <= block, NEWTON=NEWTON, EVALUATIONS=1 + NEWTON + 64, num_warps=4 if block <= 1024 else 8,
     )  # fmt: skip
     return out
 
