@@ -31,3 +31,9 @@ def test_training_examples(name, capsys):
     loss = _run(name)
     assert math.isfinite(loss) and loss > 0
     assert "final mse" in capsys.readouterr().out
+
+
+def test_tp_sampling(capsys):
+    result = _run("tp_sampling")  # launches 2 gloo processes
+    assert result["same_on_every_rank"] and result["in_top_k_of_full_logits"]
+    assert "same tokens on every rank: True" in capsys.readouterr().out
