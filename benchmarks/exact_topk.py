@@ -12,6 +12,9 @@ CUDA: ``torch.cuda.max_memory_allocated``). Ratios > 1 mean khot is faster/small
     python benchmarks/exact_topk.py              # the issue's grid, float32 and bfloat16
     python benchmarks/exact_topk.py --quick      # small shapes, a few seconds
     python benchmarks/exact_topk.py --sweep      # topk_mask speedups over slice lengths and k (2**22 elements)
+    python benchmarks/exact_topk.py --backend cpu       # khot through the op's dispatch (as compiled code
+                                                        # calls it) instead of the direct eager CPU call;
+                                                        # --backend portable: the sync-free path on CPU
 """
 
 from __future__ import annotations
@@ -22,16 +25,18 @@ import statistics
 import torch
 
 import khot
+from khot._backend import use_backend
 from khot.bench.measure import baseline_keep, baseline_mask, interleaved_ms, peak_mib
 
 GRID = [  # (shape, k, dim)
+    ((4096, 64), 2, -1),  # an MoE router's (tokens, experts)
     ((4096, 32768), 64, -1),
     ((65536, 64), 8, -1),
     ((64, 131072), 16384, -1),
     ((8, 10**6), 1000, -1),
     ((32768, 512), 16, 0),
 ]
-QUICK = [((256, 4096), 32, -1), ((4096, 64), 8, -1), ((16, 50000), 500, -1), ((4096, 256), 16, 0)]
+QUICK = [((4096, 64), 2, -1), ((256, 4096), 32, -1), ((4096, 64), 8, -1), ((16, 50000), 500, -1), ((4096, 256), 16, 0)]
 
 
 def measure(ours, baseline, x, k, dim, repeats):
@@ -62,16 +67,27 @@ def sweep(device, repeats):
             print(f"{n:>7} " + " ".join(cells), flush=True)
 
 
+def _on(backend, op):
+    def run(*args):
+        with use_backend(backend):
+            return op(*args)
+
+    return run
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shapes (a smoke run)")
     parser.add_argument("--sweep", action="store_true", help="topk_mask over slice lengths and k instead of the grid")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--backend", choices=["cpu", "portable", "triton"], help="run khot's ops on this backend, through the op's dispatch")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     ops = [("topk_mask", khot.topk_mask, baseline_mask), ("keep_topk", khot.keep_topk, baseline_keep)]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
+    if args.backend:
+        ops = [(name, _on(args.backend, op), baseline) for name, op, baseline in ops]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, backend {args.backend or 'default'}")
     if args.sweep:
         return sweep(device, args.repeats)
     header = f"{'op':<10} {'shape':<16} {'k':>6} {'dim':>4} {'dtype':<9} {'khot ms':>9} {'base ms':>9} {'speedup':>8} {'khot MiB':>9} {'base MiB':>9}"

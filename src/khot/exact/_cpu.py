@@ -145,6 +145,37 @@ def _half_topk(key: torch.Tensor, k: int, dim: int, largest: bool, sorted: bool)
     return _in_blocks(block_topk, key, dim, _BLOCK // 4)  # an int32 key per element: smaller blocks
 
 
+# ATen's CPU topk of k sorts partially while k <= n / 64, and takes a route several times slower
+# past it (rows of 64, k = 2: 2.8 ms vs 0.45 ms for a max over 4096 rows).
+_TOPK_FAST_RATIO = 64
+# Up to this k, slices too short for that route take k rounds of max instead (each about as dear
+# as a topk within it).
+_ROUNDS = 4
+
+
+def _by_rounds(key: torch.Tensor, k: int, dim: int, largest: bool) -> torch.Tensor | None:
+    """Indices of the exact top-k, best first, by ``k`` rounds of max (min): each takes the first
+    best entry (the lowest index among ties, as ATen's max and min do) and overwrites it with the
+    worst value of the dtype. ``None`` when a NaN or that worst value itself is taken (a taken
+    entry and a real one could then tie)."""
+    if key.is_floating_point():
+        worst = -math.inf if largest else math.inf
+    else:
+        worst = torch.iinfo(key.dtype).min if largest else torch.iinfo(key.dtype).max
+    work = key.clone()
+    values, index = [], []
+    for _ in range(k):
+        value, at = work.max(dim, keepdim=True) if largest else work.min(dim, keepdim=True)
+        work.scatter_(dim, at, worst)
+        values.append(value)
+        index.append(at)
+    values = torch.cat(values, dim)
+    doubtful = values == worst
+    if values.is_floating_point():
+        doubtful |= values.isnan()
+    return None if bool(doubtful.any()) else torch.cat(index, dim)
+
+
 def _complete_topk(key: torch.Tensor, k: int, dim: int, largest: bool, sorted: bool) -> torch.Tensor | None:
     """Indices of the exact top-k (tie rule included) of long NaN-free float rows, or ``None``.
     ``sorted=False``: in any order.
@@ -155,6 +186,10 @@ def _complete_topk(key: torch.Tensor, k: int, dim: int, largest: bool, sorted: b
     A tie-free :func:`_ranking_key` over just those candidates then settles the order.
     """
     n = key.shape[dim]
+    if 0 < k <= _ROUNDS and (k + 1) * _TOPK_FAST_RATIO > n:
+        best = _by_rounds(key, k, dim, largest)
+        if best is not None:
+            return best
     m = _chunk_length(n, k)
     if k == 0 or key.dtype not in _TIE_EXACT_DTYPES or key.device.type != "cpu":
         return None
