@@ -239,3 +239,122 @@ def test_bad_input():
     for method in ("pips", "gumbel"):
         with pytest.raises(TypeError, match="generator must be a torch.Generator or None, got int"):
             sample_khot(x, 2, method=method, generator=0)
+
+
+# ------------------------------------------------ sample sizes come from k, not from the solver
+
+
+@pytest.mark.parametrize("error", [3e-5, -3e-5, 1e-3, -1e-3])
+@pytest.mark.parametrize("design", khot.sampling.DESIGNS)
+def test_size_is_k_whatever_the_solver_digits(monkeypatch, error, design):
+    # π off by more than the old 2e-5 * k allowance: the old code drew k -/+ 1 ones in every row
+    exact = khot.sampling.sigmoid_topk
+    monkeypatch.setattr(khot.sampling, "sigmoid_topk", lambda *a, **kw: (exact(*a, **kw) * (1 + error)).clamp(max=1))
+    x = torch.randn(64, 300, generator=torch.Generator().manual_seed(0))
+    sample = sample_khot(x, 150, design=design, generator=torch.Generator().manual_seed(1))
+    assert (sample.sum(-1) == 150).all()
+
+
+def test_exactly_k_ones_fuzz():
+    # 600 random rows of every scale and temperature (the fuzz: 58 of 600 drew k -/+ 1)
+    gen = torch.Generator().manual_seed(10)
+    for case in range(60):
+        n = int(torch.randint(2, 400, (), generator=gen))
+        k = torch.randint(0, n + 1, (10,), generator=gen)
+        scale = 10.0 ** float(torch.empty(()).uniform_(-3, 3, generator=gen))
+        tau = 10.0 ** float(torch.empty(()).uniform_(-4, 1, generator=gen))
+        dtype = (torch.float32, torch.float64, torch.bfloat16)[case % 3]
+        x = (torch.randn(10, n, generator=gen) * scale).to(dtype)
+        if case % 4 == 0:  # ties
+            x = x.round()
+        sample = sample_khot(x, k, temperature=tau, generator=gen)
+        assert (sample.sum(-1) == k).all(), (case, n, scale, tau, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_real_k_size_probability_is_frac_k(dtype):
+    # k = 20000.3: the old code took the float32 sum as "near 20000" and drew 20000 ones every time
+    draws, n = 400, 25_000
+    x = torch.randn(draws, n, generator=torch.Generator().manual_seed(0)).to(dtype)
+    sizes = sample_khot(x, 20000.3, generator=torch.Generator().manual_seed(1)).sum(-1)
+    assert ((sizes == 20000) | (sizes == 20001)).all()
+    big = (sizes == 20001).double().mean().item()
+    assert abs(big - 0.3) <= hoeffding(draws, 1), big
+
+
+def test_real_k_per_slice_and_tiny_fractions():
+    gen = torch.Generator().manual_seed(3)
+    k = torch.tensor([2.5, 7.0, 0.25, 3.001], dtype=torch.float64)
+    x = torch.randn(4, 12, generator=gen, dtype=torch.float64)
+    draws = 20_000
+    sizes = sample_khot(x.repeat(draws, 1), k.repeat(draws), generator=gen).sum(-1).view(draws, 4)
+    for j, kj in enumerate(k.tolist()):
+        lo = math.floor(kj)
+        assert ((sizes[:, j] == lo) | (sizes[:, j] == lo + 1)).all()
+        freq = (sizes[:, j] == lo + 1).double().mean().item()
+        assert abs(freq - (kj - lo)) <= hoeffding(draws, 4), (kj, freq)
+
+
+# ------------------------------------------------ bad input names what the caller passed
+
+
+@pytest.mark.parametrize("method", khot.sampling.METHODS)
+def test_nan_row_is_an_error_about_x(method):
+    x = torch.tensor([[0.3, float("nan"), 0.1], [0.2, 0.1, 0.0]])
+    with pytest.raises(ValueError, match="x must not hold NaN"):
+        sample_khot(x, 1, method=method)
+    # ±inf entries are masked items, not an error
+    x = torch.tensor([[0.3, float("-inf"), 0.1, float("inf")]])
+    sample = sample_khot(x, 2, method=method, generator=torch.Generator().manual_seed(0))
+    assert sample[0, 3] == 1 and sample[0, 1] == 0 and sample.sum() == 2
+
+
+def test_pips_sample_is_top_level():
+    assert khot.pips_sample is khot.sampling.pips_sample and "pips_sample" in khot.__all__
+
+
+# ------------------------------------------------ graphs: compile, meta, vmap
+
+
+@pytest.mark.parametrize("method", khot.sampling.METHODS)
+def test_compiled_equals_eager_no_graph_breaks(method):
+    x = torch.randn(6, 20, generator=torch.Generator().manual_seed(0))
+
+    def fn(x):
+        return sample_khot(x, 4, method=method)
+
+    assert torch._dynamo.explain(fn)(x).graph_break_count == 0
+    compiled = torch.compile(fn, fullgraph=True)
+    torch.manual_seed(5)
+    got = compiled(x)
+    torch.manual_seed(5)
+    assert torch.equal(got, fn(x)) and (got.sum(-1) == 4).all()
+
+
+def test_compiled_nan_check_and_generator():
+    x = torch.tensor([[0.3, float("nan"), 0.1]])
+    with pytest.raises(Exception, match="x must not hold NaN"):
+        torch.compile(lambda x: sample_khot(x, 1), fullgraph=True, backend="eager")(x)
+    g = torch.Generator()
+    with pytest.raises(Exception, match="torch.compile cannot trace a torch.Generator"):
+        torch.compile(lambda x, g: sample_khot(x, 1, generator=g), fullgraph=True, backend="eager")(x.nan_to_num(), g)
+
+
+@pytest.mark.parametrize("method", khot.sampling.METHODS)
+@pytest.mark.parametrize("gradient", khot.sampling.GRADIENTS)
+def test_meta(method, gradient):
+    if method == "gumbel" and gradient == "reinmax":
+        return
+    x = torch.randn(3, 5, 9, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    out = sample_khot(x, 2, 1, method=method, gradient=gradient)
+    assert out.shape == x.shape and out.dtype == x.dtype and out.device.type == "meta"
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+def test_vmap():
+    x = torch.randn(5, 3, 10, generator=torch.Generator().manual_seed(0))
+    out = torch.vmap(lambda x: sample_khot(x, 4), randomness="different")(x)
+    assert out.shape == x.shape and (out.sum(-1) == 4).all()
+    with pytest.raises(RuntimeError, match="khot::sampling_uniform .* under vmap"):
+        torch.vmap(lambda x: sample_khot(x, 4))(x)

@@ -7,7 +7,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_choice, check_positive, check_tensor
+from .._checks import check_choice, check_flag, check_positive, check_tensor
 from ..exact import select_topk, topk_mask
 from ..relaxed.sigmoid import sigmoid_topk
 from ..sampling import sample_khot, straight_through
@@ -92,15 +92,30 @@ class TopKRouter(nn.Module):
         self.n_experts = check_size("n_experts", n_experts)
         self.k = check_size("k", k, 1, n_experts, "n_experts")
         self.score = check_choice("score", score, ("softmax", "sigmoid"))
+        if not isinstance(differentiable, (bool, str)):
+            raise TypeError(f"differentiable must be False, 'straight_through' or 'sample', got {differentiable!r}")
         self.differentiable = check_choice("differentiable", differentiable, (False, "straight_through", "sample"))
-        self.renormalize, self.temperature = renormalize, check_positive("temperature", temperature)
-        self.gate = nn.Linear(d_model, n_experts, bias=bias)
+        self.renormalize = check_flag("renormalize", renormalize)
+        self.temperature = check_positive("temperature", temperature)
+        self.gate = nn.Linear(d_model, n_experts, bias=check_flag("bias", bias))
 
     def forward(self, x: Tensor) -> RouterOutput:
         check_tensor("x", x, floating=True)
         if x.dim() == 0 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must have shape (..., d_model) = (..., {self.d_model}), got {tuple(x.shape)}")
         logits = self.gate(x.reshape(-1, self.d_model))
+        scores, weights, indices = self._route(logits)
+        tokens = max(len(logits), 1)  # means over no tokens are 0, not NaN: an empty batch adds no loss
+        ones = torch.ones(indices.numel(), dtype=logits.dtype, device=logits.device)
+        load = logits.new_zeros(self.n_experts).index_add_(0, indices.flatten(), ones) / (tokens * self.k)
+        probs = scores if self.score == "softmax" else scores / scores.sum(-1, keepdim=True)
+        aux = self.n_experts * (load * probs.sum(0) / tokens).sum()
+        z_loss = logits.logsumexp(-1).square().sum() / tokens
+        return RouterOutput(indices, weights, logits, aux, load, z_loss)
+
+    def _route(self, logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(scores, weights, indices)`` of the tokens' ``logits``: the one place that scores,
+        chooses and weighs the experts (where a fused router kernel would plug in)."""
         scores = logits.softmax(-1) if self.score == "softmax" else logits.sigmoid()
         key, gates = scores.detach(), scores
         if self.training and self.differentiable == "straight_through":
@@ -113,12 +128,7 @@ class TopKRouter(nn.Module):
         weights = weights.squeeze(-1)
         if self.renormalize:
             weights = weights / weights.sum(-1, keepdim=True)
-        tokens = max(len(key), 1)  # means over no tokens are 0, not NaN: an empty batch adds no loss
-        load = torch.zeros_like(key).scatter_add_(1, indices, torch.ones_like(weights)).sum(0) / (tokens * self.k)
-        probs = scores if self.score == "softmax" else scores / scores.sum(-1, keepdim=True)
-        aux = self.n_experts * (load * probs.sum(0) / tokens).sum()
-        z_loss = logits.logsumexp(-1).square().sum() / tokens
-        return RouterOutput(indices, weights, logits, aux, load, z_loss)
+        return scores, weights, indices
 
     def extra_repr(self) -> str:
         extra = f", temperature={self.temperature}" if self.differentiable else ""

@@ -256,7 +256,8 @@ def sample_khot(
         if isinstance(temperature, Tensor):  # per slice: put it back in place along dim
             temperature = torch.broadcast_to(temperature.detach(), batch).unsqueeze(d)
         u = uniforms(x, batch.numel(), x.shape[d] if x.dim() else 1, generator)
-        noise = (-(-u.log1p()).log()).to(x.dtype).reshape(*batch, -1).movedim(-1, d).reshape(x.shape)  # Gumbel(0, 1)
+        noise = -torch.log1p(-u).neg_().log_()  # Gumbel(0, 1): -log of an Exp(1) draw
+        noise = noise.to(x.dtype).reshape(*batch, -1).movedim(-1, d).reshape(x.shape)
         return straight_through(topk_mask(x.detach() / temperature + noise, k, d).to(x.dtype), pi)
     # the sample size comes from k itself, in float64: never from the solver's last digits
     if isinstance(k, Tensor):

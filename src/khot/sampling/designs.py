@@ -58,7 +58,7 @@ def layout(pi: Tensor, total: Tensor, keys: Tensor, bits: int) -> tuple[Tensor, 
 
 
 def _unsort(x: Tensor, perm: Tensor) -> Tensor:
-    return torch.zeros_like(x).scatter_(1, perm, x)
+    return torch.zeros(x.shape, dtype=x.dtype, device=x.device).scatter_(1, perm, x)
 
 
 def _systematic(pi: Tensor, total: Tensor, u: Tensor) -> Tensor:
@@ -117,7 +117,7 @@ def _pareto(pi: Tensor, total: Tensor, u: Tensor) -> Tensor:
     keys.masked_fill_(p == 1, -1.0).masked_fill_(p == 0, float("inf"))
     order = keys.argsort(dim=1)
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(n + 1, device=pi.device).expand_as(order))
-    return (rank < whole)[:, :n]
+    return (rank[:, :n] < whole).contiguous()
 
 
 def _conditional_poisson(pi: Tensor, total: Tensor, u: Tensor) -> Tensor:
@@ -145,15 +145,49 @@ _uniform_op = torch.library.custom_op(
 _uniform_op.register_fake(lambda like, rows, cols: like.new_empty((rows, cols), dtype=torch.float64))
 
 
+def _uniform_vmap(info, in_dims, like: Tensor, rows: int, cols: int):
+    if info.randomness == "error":
+        raise RuntimeError(
+            "khot::sampling_uniform (the samplers' random draws) under vmap: pass randomness='different' "
+            "(independent samples per batch element) or 'same' to torch.vmap"
+        )
+    if info.randomness == "same":
+        return _uniform_op(like, rows, cols), None
+    return _uniform_op(like, info.batch_size * rows, cols).view(info.batch_size, rows, cols), 0
+
+
+torch.library.register_vmap(_uniform_op, _uniform_vmap)
+
+
 def uniforms(like: Tensor, rows: int, cols: int, generator: torch.Generator | None) -> Tensor:
     """(rows, cols) float64 uniforms in [0, 1) on ``like``'s device, from ``generator`` or the global RNG."""
-    if generator is not None:
-        return torch.rand(rows, cols, dtype=torch.float64, device=like.device, generator=generator)
-    return _uniform_op(like, rows, cols)
+    if generator is None:
+        return _uniform_op(like, rows, cols)
+    if torch.compiler.is_compiling():
+        raise TypeError(
+            "generator: torch.compile cannot trace a torch.Generator; under torch.compile pass "
+            "generator=None and seed the global RNG (torch.manual_seed): compiled calls then draw what eager ones do"
+        )
+    return torch.rand(rows, cols, dtype=torch.float64, device=like.device, generator=generator)
+
+
+def _ops_vmap(op):
+    """Batch rule of a design op: the vmapped dimension joins the rows (every row is independent)."""
+
+    def rule(info, in_dims, pi: Tensor, total: Tensor, u: Tensor):
+        size = info.batch_size
+        pi, total, u = (
+            t.movedim(d, 0) if d is not None else t.expand(size, *t.shape) for t, d in zip((pi, total, u), in_dims)
+        )
+        out = op(pi.reshape(-1, pi.shape[-1]), total.reshape(-1), u.reshape(-1, u.shape[-1]))
+        return out.view(size, -1, out.shape[-1]), 0
+
+    torch.library.register_vmap(op, rule)
+    return op
 
 
 OPS = {
-    name: custom_op(f"pips_{name}", fn, fake=_fake)
+    name: _ops_vmap(custom_op(f"pips_{name}", fn, fake=_fake))
     for name, fn in {
         "systematic": _systematic,
         "brewer": _brewer,
