@@ -123,6 +123,14 @@ def _check_exact(rank: int, world: int) -> None:
                         mask = kd.sharded_topk_mask(x, k, dim, largest=largest)
                         _assert_same(mask, _mine(khot.topk_mask(full, k, dim, largest=largest), lengths, dim, rank), what)
                         cases += 1
+    # gradient of the values: each rank's shard gets that of the values it holds
+    full = _tricky((3, 13), torch.float64, seed=3).nan_to_num(0.0, 9.0, -9.0).requires_grad_()
+    lengths = _lengths(13, world, 1)
+    grad = torch.randn(3, 5, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    x = _mine(full, lengths, 1, rank).detach().requires_grad_()
+    (kd.sharded_topk(x, 5, largest=False)[0] * grad).sum().backward()
+    (torch.sort(full, stable=True, dim=1).values[:, :5] * grad).sum().backward()
+    _assert_same(x.grad, _mine(full.grad, lengths, 1, rank), "grad of the values")
     # long shards (khot's chunked CPU path) with ties at the k-th place across shard boundaries
     full = torch.randint(0, 50, (3, 5000 * world), generator=torch.Generator().manual_seed(0)).float()
     lengths = _lengths(full.shape[1], world, 0)
