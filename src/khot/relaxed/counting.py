@@ -24,7 +24,15 @@ sigmoid top-k when the sum must be exactly ``k``.
 Cost: ``O(n^2)`` time per slice, processed in blocks of rows so memory stays
 ``O(n)`` per slice plus one block (also in the backward pass: each block is
 recomputed there, via activation checkpointing); ``counting_select`` adds
-``O(k n d)``.  Use it for small ``n`` (up to a few thousand) or when soft ranks
+``O(k n d)``.  ``temperature`` is a float or a one-element tensor (differentiable).
+
+Infinite scores are compared without arithmetic on the infinity, so values and gradients
+stay finite: ``+inf`` beats every finite score, ``-inf`` (a masked item) loses to every one,
+and equal infinities rank in index order (a cluster of tied masked items would otherwise
+move the sum, as above).  So a row with fewer than ``k`` finite (or ``+inf``) scores fills
+its remaining slots with its first ``-inf`` items in index order.
+
+Use it for small ``n`` (up to a few thousand) or when soft ranks
 themselves are wanted; ``n = 10^4`` takes ~10^8 sigmoids per slice.
 """
 
@@ -35,8 +43,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from khot._checks import check_positive, check_tensor, normalize_dim
-from khot.relaxed._common import _blocks, _check_mask_args, _check_select_args, _rowwise, _select_rows
+from khot._checks import check_tensor, normalize_dim
+from khot.relaxed._common import _blocks, _check_mask_args, _check_select_args, _rowwise, _scalar_temperature, _select_rows
 
 __all__ = ["DEFAULT_TEMPERATURE", "RANK_TEMPERATURE", "soft_rank", "counting_topk", "counting_select"]
 
@@ -46,33 +54,40 @@ DEFAULT_TEMPERATURE = 1e-3
 RANK_TEMPERATURE = 0.05
 
 
-def _rank_block(s: Tensor, rows: Tensor, temperature: float) -> Tensor:
+def _rank_block(s: Tensor, rows: Tensor, start: int, temperature) -> Tensor:
     # the j = i term is sigmoid(0) = 1/2, so this is 1 + sum over j != i
     a, b = s.unsqueeze(1), rows.unsqueeze(2)
-    diff = torch.where(a == b, 0, a - b)  # inf - inf would be NaN: equal scores compare as 0
-    return torch.sigmoid(diff / temperature).sum(dim=-1) + 0.5
+    finite = a.isfinite() & b.isfinite()
+    diff = torch.where(finite, a, 0) - torch.where(finite, b, 0)
+    # a comparison with an infinity is decided without arithmetic on it (finite gradients):
+    # a step, and equal infinities in index order (the j = i term still 1/2)
+    j = torch.arange(s.shape[1], device=s.device)
+    i = torch.arange(start, start + rows.shape[1], device=s.device).unsqueeze(-1)
+    hard = torch.where(a == b, (j < i).to(s.dtype) + (j == i).to(s.dtype) / 2, (a > b).to(s.dtype))
+    return torch.where(finite, torch.sigmoid(diff / temperature), hard).sum(dim=-1) + 0.5
 
 
-def _soft_rank(s: Tensor, temperature: float) -> Tensor:
+def _soft_rank(s: Tensor, temperature) -> Tensor:
     """Soft descending ranks of ``s (N, n)``, a block of rows at a time."""
     N, n = s.shape
-    recompute = torch.is_grad_enabled() and s.requires_grad
+    # torch.func transforms have no saved-tensor hooks, so no checkpointing under them
+    recompute = torch.is_grad_enabled() and s.requires_grad and not torch._C._are_functorch_transforms_active()
     return torch.cat(
         [
-            checkpoint(_rank_block, s, s[:, b], temperature, use_reentrant=False)
+            checkpoint(_rank_block, s, s[:, b], b.start, temperature, use_reentrant=False)
             if recompute
-            else _rank_block(s, s[:, b], temperature)
+            else _rank_block(s, s[:, b], b.start, temperature)
             for b in _blocks(n, N * n)
         ],
         dim=1,
     )
 
 
-def soft_rank(scores: Tensor, dim: int = -1, *, temperature: float = DEFAULT_TEMPERATURE) -> Tensor:
+def soft_rank(scores: Tensor, dim: int = -1, *, temperature: float | Tensor = DEFAULT_TEMPERATURE) -> Tensor:
     """Soft descending ranks, 1 = best: ``rank_i = 1 + sum_{j != i} sigmoid((s_j - s_i) / temperature)``.
 
     Same shape and dtype as ``scores``; tends to the integer ranks as
-    ``temperature -> 0`` (ties get their average rank).
+    ``temperature -> 0`` (finite ties get their average rank, equal infinities rank in index order).
 
     >>> soft_rank(torch.tensor([0.3, 0.9, 0.1, 0.31]), temperature=0.01).round(decimals=2)
     tensor([2.7300, 1.0000, 4.0000, 2.2700])
@@ -81,11 +96,11 @@ def soft_rank(scores: Tensor, dim: int = -1, *, temperature: float = DEFAULT_TEM
     if scores.dim() == 0:
         raise ValueError("scores must have at least one dimension, got a 0-d tensor")
     dim = normalize_dim(dim, scores.dim())
-    temperature = check_positive("temperature", temperature)
+    temperature = _scalar_temperature(temperature)
     return _rowwise(lambda s: _soft_rank(s, temperature), scores, dim)
 
 
-def counting_topk(scores: Tensor, k, dim: int = -1, *, temperature: float = DEFAULT_TEMPERATURE) -> Tensor:
+def counting_topk(scores: Tensor, k, dim: int = -1, *, temperature: float | Tensor = DEFAULT_TEMPERATURE) -> Tensor:
     """Soft top-k membership ``sigmoid((k + 1/2 - soft_rank) / RANK_TEMPERATURE)``.
 
     ``k`` is an int or an integer tensor of per-slice counts (broadcast to the
@@ -103,7 +118,7 @@ def counting_topk(scores: Tensor, k, dim: int = -1, *, temperature: float = DEFA
     )
 
 
-def counting_select(x: Tensor, scores: Tensor, k: int, *, temperature: float = DEFAULT_TEMPERATURE) -> Tensor:
+def counting_select(x: Tensor, scores: Tensor, k: int, *, temperature: float | Tensor = DEFAULT_TEMPERATURE) -> Tensor:
     """Soft "j-th best" rows, ``j = 1..k``: ``x (..., n, d)``, ``scores (..., n)`` -> ``(..., k, d)``.
 
     Slot ``j`` is the average of the rows weighted by the normalised logistic bump

@@ -26,7 +26,8 @@ Infinite scores are decided without arithmetic on the infinity, so values and
 gradients stay finite: ``+inf`` beats every finite score and ``-inf`` (a masked item)
 loses to every one; equal scores, infinite ones included, tie and split 1/2 each.
 So a row with fewer than ``k`` finite (or ``+inf``) scores fills its remaining slots
-with its ``-inf`` items, which share those slots' weight equally.
+with its ``-inf`` items as the tournament plays them: in index order (the sort is
+stable), two of them paired in a round splitting 1/2 each.
 
 By linearity every output row is a weighted sum of the input rows that ended in
 its slot, with weights the products of the pair weights along each path.  Only
@@ -128,7 +129,7 @@ def _tournament(s: Tensor, k: int, temperature: float | Tensor, published: bool 
     weights = torch.ones(N, k, 1, dtype=s.dtype, device=s.device)
     padded = False
     for order, w_hi, q, m in reversed(rounds):
-        i = (members - q).clamp_(min=0) if q or padded else members
+        i = (members - q).clamp(min=0) if q or padded else members
         w_own = w_hi.gather(1, i.flatten(1)).view_as(i)
         partner = m - 1 - i
         if q or padded:
@@ -250,6 +251,16 @@ class _PoolSlots(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         x, weights, members = inputs
         ctx.save_for_backward(x, weights, members)
+
+    @staticmethod
+    def vmap(info, in_dims, x: Tensor, weights: Tensor, members: Tensor):
+        # the op is batched already: fold the vmapped dimension into its batch dimension
+        def fold(t: Tensor, d: int | None) -> Tensor:
+            t = t.expand(info.batch_size, *t.shape) if d is None else t.movedim(d, 0)
+            return t.reshape(-1, *t.shape[2:])
+
+        out = _PoolSlots.apply(*(fold(t, d) for t, d in zip((x, weights, members), in_dims)))
+        return out.view(info.batch_size, -1, *out.shape[1:]), 0
 
     @staticmethod
     def backward(ctx, grad: Tensor):
