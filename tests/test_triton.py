@@ -182,6 +182,24 @@ def test_sigmoid_forward(sigmoid_kernels, monkeypatch, block):
     assert (got.float() - want.float()).abs().max() <= 1e-3
 
 
+@pytest.mark.parametrize("block", [4096, 16])  # one program per row; rows split across programs
+def test_sigmoid_backward(sigmoid_kernels, monkeypatch, block):
+    """grad_x = w (g - m) / τ and m = Σ w g / Σ w (w = p (1 - p); 0 on saturated rows), in float64."""
+    monkeypatch.setattr(sigmoid_kernels, "BACKWARD_BLOCK", block)
+    g = torch.Generator().manual_seed(6)
+    r = torch.tensor([1.0, 20.0, 3.0], dtype=torch.float64)
+    for dtype, tol in [(torch.float32, 2e-6), (torch.float64, 1e-12), (torch.bfloat16, 1e-1)]:
+        p = torch.rand(3, 40, generator=g).to(dtype)
+        p[2] = 1.0  # saturated: no gradient
+        grad = torch.randn(3, 40, generator=g).to(dtype)
+        grad_x, m = sigmoid_kernels.sigmoid_topk_backward(p, grad, r)
+        w, gd = p.double() * (1 - p.double()), grad.double()
+        m_want = (w * gd).sum(-1) / w.sum(-1).clamp(min=1e-300)
+        assert grad_x.dtype == dtype and (m.double() - m_want).abs().max() <= 1e-6
+        assert (grad_x.double() - w * (gd - m_want.unsqueeze(-1)) * r.unsqueeze(-1)).abs().max() <= tol, dtype
+        assert not grad_x[2].any()
+
+
 @pytest.fixture
 def router_kernels():
     return _kernels("router")

@@ -19,6 +19,7 @@ _MODULES: dict[str, str] = {
     "keep_topk": "exact",
     "select_topk": "exact",
     "sigmoid_topk_forward": "sigmoid",
+    "sigmoid_topk_backward": "sigmoid",
     "router_topk": "router",
 }
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 
 import triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -41,6 +42,12 @@ def variants():
             ce = dict(TOL_W=4e-6, TOL_K=0.0, F64=dtype == "fp64", BLOCK=sigmoid.BLOCK, ONE_BLOCK=one, NEWTON=12, EVALUATIONS=77)
             types = ["*" + dtype, "*fp64", "*fp64", "*" + dtype, "i32", "i64", "i64"]
             out.append((f"sigmoid {dtype} one block={one}", sigmoid._forward_kernel, types, ce))
+    for dtype, compute in (("fp32", tl.float32), ("bf16", tl.float32), ("fp64", tl.float64)):
+        out.append((f"sigmoid backward sums {dtype}", sigmoid._backward_sums, ["*" + dtype, "*" + dtype, "*fp64", "*fp64", "i32"], dict(BLOCK=4096, DT=compute)))
+        for sums in (True, False):
+            ce = dict(BLOCK=4096, SUMS=sums, DT=compute)
+            types = ["*" + dtype, "*" + dtype, "*fp64", "*fp64", "*" + dtype, "*" + ("fp64" if dtype == "fp64" else "fp32"), "i32"]
+            out.append((f"sigmoid backward write {dtype} sums={sums}", sigmoid._backward_write, types, ce))
     for dtype in ("fp32", "bf16"):
         ce = dict(K=8, KP=8, BLOCK=128, SOFTMAX=True, RENORMALIZE=True)
         out.append((f"router {dtype}", router._router_kernel, ["*" + dtype, "*" + dtype, "*i64", "*i64", "i32", "i64", "i64"], ce))

@@ -29,9 +29,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["sigmoid_topk_forward"]
+__all__ = ["sigmoid_topk_forward", "sigmoid_topk_backward"]
 
 BLOCK = 4096  # elements per block (tests shrink it to exercise rows read block by block)
+BACKWARD_BLOCK = 4096  # the backward: longer rows are split across programs
 NEWTON = 12  # Newton steps per row at most (as the CPU path)
 _MAX = tl.constexpr(torch.finfo(torch.float64).max)
 _R32 = tl.constexpr(2.0**126)  # as khot.relaxed.sigmoid: 1 / τ is clamped here in float32 work
@@ -168,3 +169,69 @@ def sigmoid_topk_forward(x: Tensor, k: Tensor, inv_tau: Tensor) -> Tensor:
     )  # fmt: skip
     return out
 
+
+
+@triton.jit
+def _backward_sums(p_ptr, g_ptr, r_ptr, sums_ptr, n, BLOCK: tl.constexpr, DT: tl.constexpr):
+    """Add one block's ``Σ w`` and ``Σ w g`` (``w = p (1 - p)``, float64) to its row's sums."""
+    row, block = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    cols = block * BLOCK + tl.arange(0, BLOCK)
+    valid = cols < n
+    p = tl.load(p_ptr + row * n + cols, mask=valid, other=0.0).to(DT)
+    g = tl.load(g_ptr + row * n + cols, mask=valid, other=0.0).to(DT)
+    w = (p * (1.0 - p)).to(tl.float64)
+    tl.atomic_add(sums_ptr + row * 2, tl.sum(w, 0), sem="relaxed")
+    tl.atomic_add(sums_ptr + row * 2 + 1, tl.sum(w * g.to(tl.float64), 0), sem="relaxed")
+
+
+@triton.jit
+def _backward_write(
+    p_ptr, g_ptr, r_ptr, sums_ptr, out_ptr, m_ptr, n, BLOCK: tl.constexpr, SUMS: tl.constexpr, DT: tl.constexpr
+):
+    """``grad_x = w (g - m) r`` for one block, ``m = Σ w g / Σ w`` (0 where ``Σ w = 0``); the
+    sums come from :func:`_backward_sums` or, when ``SUMS`` is false, from this block (the row).
+    ``DT``: the compute dtype (float32, or float64 for float64 inputs)."""
+    row, block = tl.program_id(0).to(tl.int64), tl.program_id(1)
+    cols = block * BLOCK + tl.arange(0, BLOCK)
+    valid = cols < n
+    p = tl.load(p_ptr + row * n + cols, mask=valid, other=0.0).to(DT)
+    g = tl.load(g_ptr + row * n + cols, mask=valid, other=0.0).to(DT)
+    w = p * (1.0 - p)
+    if SUMS:
+        total = tl.load(sums_ptr + row * 2)
+        weighted = tl.load(sums_ptr + row * 2 + 1)
+    else:
+        total = tl.sum(w.to(tl.float64), 0)
+        weighted = tl.sum(w.to(tl.float64) * g.to(tl.float64), 0)
+    m = tl.where(total > 0, weighted / tl.where(total > 0, total, 1.0), 0.0)
+    r = tl.load(r_ptr + row)
+    grad = w * (g - m.to(DT)) * r.to(DT)
+    tl.store(out_ptr + row * n + cols, grad.to(out_ptr.dtype.element_ty), mask=valid)
+    if block == 0:
+        tl.store(m_ptr + row, m.to(m_ptr.dtype.element_ty))
+
+
+def sigmoid_topk_backward(p: Tensor, grad: Tensor, inv_tau: Tensor) -> tuple[Tensor, Tensor]:
+    """``(grad_x, m)`` of sigmoid top-k's backward for ``p`` (the forward's output, ``(..., n)``),
+    the incoming gradient and ``1 / τ`` per slice: ``grad_x = w (g - m) / τ`` with
+    ``w = p (1 - p)`` and ``m = Σ w g / Σ w`` per slice (0 where ``Σ w = 0``); ``m`` is also the
+    gradient of ``k``. Sums in float64; ``grad_x`` in ``grad``'s dtype, ``m`` float32 (float64
+    for float64 ``p``). Rows of up to ``BACKWARD_BLOCK`` take one program (one read of ``p`` and
+    ``grad``, one write); longer rows are split across programs (a sums pass, then a write pass).
+    """
+    n = p.shape[-1]
+    grad_x = torch.empty(p.shape, dtype=grad.dtype, device=p.device)
+    m = torch.empty(p.shape[:-1], dtype=torch.float64 if p.dtype == torch.float64 else torch.float32, device=p.device)
+    if grad_x.numel() == 0:
+        return grad_x, m.zero_()
+    rows = grad_x.numel() // n
+    p2, g2 = p.reshape(rows, n).contiguous(), grad.reshape(rows, n).contiguous()
+    r = inv_tau.to(torch.float64).expand(p.shape[:-1]).reshape(rows).contiguous()
+    block = min(BACKWARD_BLOCK, triton.next_power_of_2(n))
+    grid = (rows, triton.cdiv(n, block))
+    flags = dict(BLOCK=block, DT=tl.float64 if p.dtype == torch.float64 else tl.float32, num_warps=4 if block <= 1024 else 8)
+    sums = torch.zeros((rows, 2), dtype=torch.float64, device=p.device) if grid[1] > 1 else r
+    if grid[1] > 1:
+        _backward_sums[grid](p2, g2, r, sums, n, **flags)
+    _backward_write[grid](p2, g2, r, sums, grad_x, m, n, SUMS=grid[1] > 1, **flags)
+    return grad_x, m
