@@ -11,6 +11,7 @@ CUDA: ``torch.cuda.max_memory_allocated``). Ratios > 1 mean khot is faster/small
 
     python benchmarks/exact_topk.py              # the grid, float32 and bfloat16
     python benchmarks/exact_topk.py --quick      # small shapes, a few seconds
+    python benchmarks/exact_topk.py --clock thread   # one thread, CPU time: for an overloaded machine
     python benchmarks/exact_topk.py --sweep      # topk_mask speedups over slice lengths and k (2**22 elements)
     python benchmarks/exact_topk.py --backend cpu       # khot through the op's dispatch (as compiled code
                                                         # calls it) instead of the direct eager CPU call;
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import time
 
 import torch
 
@@ -39,8 +41,8 @@ GRID = [  # (shape, k, dim)
 QUICK = [((4096, 64), 2, -1), ((256, 4096), 32, -1), ((4096, 64), 8, -1), ((16, 50000), 500, -1), ((4096, 256), 16, 0)]
 
 
-def measure(ours, baseline, x, k, dim, repeats):
-    t_ours, t_base = interleaved_ms([lambda: ours(x, k, dim), lambda: baseline(x, k, dim)], repeats)
+def measure(ours, baseline, x, k, dim, repeats, clock=time.perf_counter):
+    t_ours, t_base = interleaved_ms([lambda: ours(x, k, dim), lambda: baseline(x, k, dim)], repeats, clock=clock)
     return (
         t_ours,
         t_base,
@@ -81,13 +83,20 @@ def main(argv=None):
     parser.add_argument("--sweep", action="store_true", help="topk_mask over slice lengths and k instead of the grid")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument(
+        "--clock", choices=["wall", "thread"], default="wall",
+        help="thread: one torch thread, timed by this thread's CPU time (steadier on an overloaded machine)",
+    )
     parser.add_argument("--backend", choices=["cpu", "portable", "triton"], help="run khot's ops on this backend, through the op's dispatch")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    clock = time.thread_time if args.clock == "thread" else time.perf_counter
+    if args.clock == "thread":
+        torch.set_num_threads(1)
     ops = [("topk_mask", khot.topk_mask, baseline_mask), ("keep_topk", khot.keep_topk, baseline_keep)]
     if args.backend:
         ops = [(name, _on(args.backend, op), baseline) for name, op, baseline in ops]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, backend {args.backend or 'default'}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, backend {args.backend or 'default'}, {args.clock} clock")
     if args.sweep:
         return sweep(device, args.repeats)
     header = f"{'op':<10} {'shape':<16} {'k':>6} {'dim':>4} {'dtype':<9} {'khot ms':>9} {'base ms':>9} {'speedup':>8} {'khot MiB':>9} {'base MiB':>9}"
@@ -98,7 +107,7 @@ def main(argv=None):
         for dtype in (torch.float32, torch.bfloat16):
             x = torch.randn(shape, device=device).to(dtype)
             for name, ours, baseline in ops:
-                t_ours, t_base, m_ours, m_base = measure(ours, baseline, x, k, dim, args.repeats)
+                t_ours, t_base, m_ours, m_base = measure(ours, baseline, x, k, dim, args.repeats, clock)
                 speedups.append(t_base / t_ours)
                 print(
                     f"{name:<10} {str(shape):<16} {k:>6} {dim:>4} {str(dtype)[6:]:<9} {t_ours:>9.1f} "

@@ -42,11 +42,15 @@ def median_ms(fn: Callable[[], object], min_run_time: float = 2.0) -> float:
     return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
 
 
-def interleaved_ms(fns: Sequence[Callable[[], object]], repeats: int = 7, warmup: int = 3) -> list[float]:
+def interleaved_ms(
+    fns: Sequence[Callable[[], object]], repeats: int = 7, warmup: int = 3, clock: Callable[[], float] = time.perf_counter
+) -> list[float]:
     """Median time in ms of each of ``fns``, timed in turn ``repeats`` times after ``warmup`` runs each.
 
     Taking turns means a slow phase of a shared, noisy machine hits every function alike, so the
-    ratios between the medians are steadier than those of separate timing loops.
+    ratios between the medians are steadier than those of separate timing loops. ``clock``:
+    ``time.thread_time`` counts only this thread's CPU time (with ``torch.set_num_threads(1)``,
+    the work itself), which an overloaded machine inflates far less than wall time.
 
     >>> x = torch.randn(256, 1024)
     >>> sort_ms, topk_ms = interleaved_ms([lambda: x.sort(-1), lambda: x.topk(8)], repeats=3)
@@ -62,11 +66,11 @@ def interleaved_ms(fns: Sequence[Callable[[], object]], repeats: int = 7, warmup
         for fn, spent in zip(fns, times):
             if cuda:
                 torch.cuda.synchronize()
-            start = time.perf_counter()
+            start = clock()
             fn()
             if cuda:
                 torch.cuda.synchronize()
-            spent.append(time.perf_counter() - start)
+            spent.append(clock() - start)
     return [statistics.median(spent) * 1e3 for spent in times]
 
 
