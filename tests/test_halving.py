@@ -198,3 +198,40 @@ def test_radix_sort_of_the_first_round_matches_the_stable_row_sort():
     assert torch.equal(order, expected_order)
     assert torch.equal(values.isnan(), expected_values.isnan())
     assert torch.equal(values.nan_to_num(), expected_values.nan_to_num())
+
+
+def test_published_weights_stay_finite_at_large_scores():
+    # base**score overflowed float32 beyond score ~4.4 at temperature 0.05: NaN gradients before
+    g = torch.Generator().manual_seed(3)
+    s = (4 + 2 * torch.rand(2, 16, generator=g, dtype=torch.float64))
+    x = torch.randn(2, 16, 3, generator=g, dtype=torch.float64)
+    options = dict(temperature=0.05, published_weights=True)
+    expected = torch.tensor([reference(x[b].tolist(), s[b].tolist(), 4, 0.05, True) for b in range(2)], dtype=x.dtype)
+    torch.testing.assert_close(halving_select(x, s, 4, **options), expected)
+    s32 = s.float().requires_grad_()
+    out = halving_select(x.float(), s32, 4, **options)
+    torch.testing.assert_close(out, expected.float(), atol=1e-5, rtol=0)
+    (out * torch.randn(out.shape, generator=g)).sum().backward()
+    assert torch.isfinite(s32.grad).all()
+    # where the weights are not saturated, the derivative is right (log-space and direct branches)
+    for low in (0.0, 1.9):
+        s = (low + 0.3 * torch.rand(2, 12, generator=g, dtype=torch.float64)).requires_grad_()
+        assert torch.autograd.gradcheck(lambda s: halving_topk(s, 3, **options), (s,))
+
+
+def test_second_derivatives():
+    # the pooling's backward once returned wrong second derivatives silently (once_differentiable)
+    g = torch.Generator().manual_seed(5)
+    for n, k in ((12, 3), (8, 2)):  # with padding (n / k not a power of two) and without
+        x = torch.randn(2, n, 3, generator=g, dtype=torch.float64, requires_grad=True)
+        s = torch.rand(2, n, generator=g, dtype=torch.float64, requires_grad=True)
+        tau = torch.tensor(0.2, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradgradcheck(lambda x, s, tau: halving_select(x, s, k, temperature=tau), (x, s, tau))
+
+
+def test_k_equal_n_comes_best_first():
+    s = torch.tensor([[0.2, 0.9, -math.inf, 0.5]])
+    x = torch.arange(4.0).view(1, 4, 1).expand(1, 4, 2)
+    for tau in (1e-4, 0.5):
+        torch.testing.assert_close(halving_select(x, s, 4, temperature=tau)[0, :, 0], torch.tensor([1.0, 3, 0, 2]))
+    torch.testing.assert_close(halving_topk(s, 4), torch.ones(1, 4))
