@@ -7,6 +7,9 @@ tensor-parallel ranks). Compared, side by side in one run (interleaved medians):
 * ``khot sharded_sample``: the same, sampling one token per row (top-k 50, top-p 0.9);
 * ``all-gather + topk``: all-gather the shards, ``torch.topk`` of the whole rows (what engines do).
 
+Every timed call starts with a barrier (so that no call is charged for ranks still finishing the
+previous one); its cost is the "barrier only" row, included in every other row.
+
 "bytes per rank" is what each rank hands to the collectives (counted by wrapping them); a ring
 all-gather sends ``ranks - 1`` times that over the wire per rank.
 
@@ -76,10 +79,11 @@ def _rank(rank: int, world: int, port: int, args, queue) -> None:
 
         # the same answer (indices may differ only among tied values; none here)
         assert torch.equal(ours()[1], gather_then_topk().indices)
-        fns = {"khot sharded_topk": ours, "khot sharded_sample": sample, "all-gather + topk": gather_then_topk}
+        fns = {"khot sharded_topk": ours, "khot sharded_sample": sample, "barrier only": lambda: None, "all-gather + topk": gather_then_topk}
         sent = {name: _bytes_sent(fn) for name, fn in fns.items()}
-        dist.barrier()
-        times = interleaved_ms(list(fns.values()), repeats=args.repeats, warmup=2)
+        # every timed call starts with a barrier, so that no call is charged for the other ranks
+        # still finishing the previous one (the barrier's own time is the "barrier only" row)
+        times = interleaved_ms([lambda fn=fn: (dist.barrier(), fn()) for fn in fns.values()], repeats=args.repeats, warmup=2)
         if rank == 0:
             queue.put([(name, sent[name], ms) for name, ms in zip(fns, times)])
     finally:

@@ -11,11 +11,15 @@ of the dimension:
 * one small all-gather of metadata first (shapes, ``dim``, ``k``, ...), so that bad input on
   any rank raises the same error on every rank instead of leaving the others waiting in a
   collective (no hang); it also gives the shard lengths, hence the global offsets;
-* :func:`sharded_topk`, :func:`sharded_topk_mask`, :func:`sharded_sample`: one all-gather of
-  each rank's top ``k`` candidates (values and global indices packed in one byte buffer):
-  ``O(k · ranks · batch)``;
+* :func:`sharded_topk`, :func:`sharded_topk_mask`, :func:`sharded_sample` with ``k``: one
+  all-gather of each rank's top ``k`` candidates (values and global indices packed in one byte
+  buffer): ``O(k · ranks · batch)``; :func:`sharded_sample` without ``k``: one all-gather of three
+  numbers per row and rank, and one all-reduce of the ids;
 * :func:`sharded_sigmoid_topk`: one all-gather of per-row statistics, then one all-reduce of
   three per-row sums per solver step (typically 3-6), and one all-reduce backward.
+
+The functions run eagerly (they talk to the process group, and the sigmoid solver's number of
+rounds depends on the data): they are not meant for ``torch.compile`` or meta tensors.
 
 Ranking rules are those of :func:`khot.topk_mask` on the concatenated tensor: among equal
 values the lower *global* index wins, and NaN ranks above ``+inf``. The local selection is
@@ -162,12 +166,12 @@ def _shard(name: str, x, dim, group, check) -> _Shard:
         same = check(x, d)
         shape = tuple(x.shape[:d]) + (None,) + tuple(x.shape[d + 1 :])
         meta = (shape, d, x.shape[d] if x.dim() else 1, str(x.dtype), x.device.type, same)
-    except (TypeError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 (raised below, on every rank)
         error = (type(e).__name__, str(e))
     gathered = _all_gather_json((error, meta), group)
     for r, (err, _) in enumerate(gathered):
         if err is not None:
-            raise _ERRORS[err[0]](f"{name}: rank {r}: {err[1]}")
+            raise _ERRORS.get(err[0], RuntimeError)(f"{name}: rank {r}: {err[1]}")
     metas = [m for _, m in gathered]
     for what, i in (("dim", 1), ("dtype", 3), ("device type", 4), ("shape (except along dim)", 0)):
         values = [m[i] for m in metas]
