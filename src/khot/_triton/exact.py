@@ -221,7 +221,8 @@ def _chunk_pass(
 
 
 def _launch(x: torch.Tensor, k: int, ks: torch.Tensor | None, dim: int, largest: bool, magnitude: bool, out_kind: int):
-    """Run the kernels along ``dim`` of ``x``; ``out_kind`` as ``_write``'s ``OUT``."""
+    """Run the kernels along ``dim`` of ``x``; ``out_kind`` as ``_write``'s ``OUT``. The output is
+    contiguous, as the portable path's."""
     n = x.shape[dim]
     outer, inner = math.prod(x.shape[:dim]), math.prod(x.shape[dim + 1 :])
     rows = outer * inner
@@ -242,16 +243,21 @@ def _launch(x: torch.Tensor, k: int, ks: torch.Tensor | None, dim: int, largest:
     if n <= ON_CHIP:
         block = triton.next_power_of_2(n)
         _row_kernel[(rows,)](*args, *scalars, BLOCK=block, num_warps=_warps(block), **flags)
-        return out
+    else:
+        _chunked(args, scalars, flags, rows, n, bits, x.device)
+    return out
+
+
+def _chunked(args, scalars, flags, rows: int, n: int, bits: int, device) -> None:
+    """Launch the passes of :func:`_chunk_pass` over rows longer than ``ON_CHIP``."""
     chunks = triton.cdiv(n, CHUNK)
-    hist = torch.zeros((rows, bits // 8, 256), dtype=torch.int32, device=x.device)
-    counts = torch.empty((rows, chunks, 2), dtype=torch.int32, device=x.device)
+    hist = torch.zeros((rows, bits // 8, 256), dtype=torch.int32, device=device)
+    counts = torch.empty((rows, chunks, 2), dtype=torch.int32, device=device)
     for p in range(bits // 8 + 2):
         _chunk_pass[(rows, chunks)](
             *args, hist, counts, *scalars, chunks,
             PASS=p, FOUND=min(p, bits // 8), CHUNKS=triton.next_power_of_2(chunks), BLOCK=CHUNK, num_warps=_warps(CHUNK), **flags,
         )  # fmt: skip
-    return out
 
 
 def _warps(block: int) -> int:
