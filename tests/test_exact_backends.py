@@ -289,3 +289,20 @@ def test_batch_topk_eval_rule_follows_training_and_state_dict():
     assert torch.equal(loaded(x), torch.where(x > 0.3, x, 0.0))
     loaded.load_state_dict(khot.nn.BatchTopK(2).state_dict())  # a NaN threshold: back to the batch rule
     assert torch.equal(loaded(x), fresh(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64, torch.uint8])
+def test_short_rows_small_k_rounds_of_max(dtype):
+    """Issue 11 item 3: short rows with k <= 4 take rounds of max on the CPU (ATen's topk is slow
+    there); the dtype's extreme values, which those rounds write over taken entries, and ties
+    among them must not confuse it."""
+    gen = torch.Generator().manual_seed(6)
+    if dtype.is_floating_point:
+        pool = torch.tensor([-INF, INF, -INF, 0.0, 1.0, 1.0, NAN], dtype=torch.float64).to(dtype)
+    else:
+        info = torch.iinfo(dtype)
+        pool = torch.tensor([info.min, info.max, info.min, 0, 1, 1], dtype=dtype)
+    x = pool[torch.randint(0, len(pool), (64, 6), generator=gen)]
+    for k in (1, 2, 3, 4):
+        for largest in (True, False):
+            check_paths(x, k, -1, largest, False)

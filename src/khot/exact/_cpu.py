@@ -1,13 +1,14 @@
 """The CPU path of the exact ops: tuned for CPU tensors, with data-dependent shortcuts.
 
-How it is fast (CPU; :func:`_complete_topk`): on slices of at least 4096, the maxima of
-strided chunks take one vectorised reduction; the chunks whose maximum reaches the k-th best
-chunk maximum provably hold the top k *and all its ties*, so ranking just those candidates
-settles the selection (by value when the (k+1)-th ranks strictly after the k-th, else by a
-tie-free (value, index) key). Shorter half-precision slices rank by a 32-bit (value, index)
-key. The output is written once, by a scatter into a fresh tensor. Other slices (NaN,
-integer or float64 data, short float32 rows) use :func:`torch.topk` for ``k + 1`` (for
-``k = n / 64``, where that leaves ATen's partial sort, for ``k`` and a count of the ties),
+How it is fast (:func:`_complete_topk`): slices too short for ATen's fast topk route
+(``k + 1 > n / 64``) with ``k <= 4`` take ``k`` rounds of max (:func:`_by_rounds`). On slices
+of at least 4096, the maxima of strided chunks take one vectorised reduction; the chunks whose
+maximum reaches the k-th best chunk maximum provably hold the top k *and all its ties*, so
+ranking just those candidates settles the selection (by value when the (k+1)-th ranks strictly
+after the k-th, else by a tie-free (value, index) key). Shorter half-precision slices rank by a
+32-bit (value, index) key. The output is written once, by a scatter into a fresh tensor. Other
+slices (NaN, integer or float64 data, short float32 rows) use :func:`torch.topk` for ``k + 1``
+(for ``k = n / 64``, where that leaves ATen's partial sort, for ``k`` and a count of the ties),
 and :func:`_repair` settles ties at the k-th place exactly.
 """
 
@@ -102,7 +103,7 @@ def _topk_candidates(key: torch.Tensor, k: int, dim: int, largest: bool):
     """
     n = key.shape[dim]
     m = _chunk_length(n, k)
-    if m == 1 or key.device.type != "cpu":
+    if m == 1:
         return torch.topk(key, k, dim, largest=largest, sorted=True)
     leaders = _chunk_leaders(key, m, dim, largest)
     if not largest and leaders.is_floating_point() and bool(leaders.isnan().any()):
@@ -191,7 +192,7 @@ def _complete_topk(key: torch.Tensor, k: int, dim: int, largest: bool, sorted: b
         if best is not None:
             return best
     m = _chunk_length(n, k)
-    if k == 0 or key.dtype not in _TIE_EXACT_DTYPES or key.device.type != "cpu":
+    if k == 0 or key.dtype not in _TIE_EXACT_DTYPES:
         return None
     if m == 1:
         return _half_topk(key, k, dim, largest, sorted) if key.dtype in _HALF and n <= 1 << 16 else None
@@ -302,7 +303,7 @@ class _Selection:
         width = min(kmax + 1, n)
         # ATen's CPU topk sorts partially while k <= n / 64 and takes a much slower route past it:
         # there take just the top k, and count the elements reaching the k-th instead of a (k+1)-th
-        cliff = isinstance(k, int) and 0 < k * 64 <= n < width * 64 and key.device.type == "cpu"
+        cliff = isinstance(k, int) and 0 < k * _TOPK_FAST_RATIO <= n < width * _TOPK_FAST_RATIO
         values, self.index = _topk_candidates(key, k if cliff else width, dim, largest)
         self.threshold = _kth(values, k, dim)
         if cliff:
