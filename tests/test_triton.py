@@ -252,3 +252,16 @@ def test_gpu_benchmark_without_a_gpu(capsys, monkeypatch):
     if not torch.cuda.is_available():
         assert gpu.main([]) == 2
         assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_opcheck_with_the_kernels(exact_kernels, sigmoid_kernels):
+    """The kernels agree with the ops' fakes (shapes, dtypes, layouts)."""
+    x = torch.randn(3, 12)
+    cases = [
+        (torch.ops.khot.topk_mask.default, (x.t(), 12, torch.tensor([1, 0, 12]), 0, True, False)),
+        (torch.ops.khot.sigmoid_topk_forward.default, (x.t(), torch.full((12,), 2.0, dtype=torch.float64), torch.ones(12, dtype=torch.float64))),
+    ]
+    with khot.use_backend("triton"):
+        for op, args in cases:
+            torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
