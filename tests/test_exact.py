@@ -250,6 +250,19 @@ def test_rate_rounds_up_without_float_error_and_int_magnitude_does_not_overflow(
     assert khot.keep_topk(small, 2, magnitude=True).tolist() == [[-128, 5, 0, 0]]
 
 
+def test_int64_magnitude_ranks_minimum_first():
+    """Issue 10: |-2**63| overflows int64; it must still rank first by magnitude, on both paths."""
+    low, high = -(2**63), 2**63 - 1
+    x = torch.tensor([[5, high, low, -high, 0, low]])
+    for backend in ("cpu", "portable"):
+        with khot.use_backend(backend):
+            assert khot.topk_mask(x, 1, magnitude=True).tolist() == [[False, False, True, False, False, False]]
+            assert khot.topk_mask(x, 3, magnitude=True).tolist() == [[False, True, True, False, False, True]]
+            assert khot.keep_topk(x, 2, magnitude=True).tolist() == [[0, 0, low, 0, 0, low]]
+            assert khot.topk_mask(x, 1, largest=False, magnitude=True).tolist() == [[False, False, False, False, True, False]]
+    assert torch.equal(khot.topk_mask(x, 4, magnitude=True), torch.tensor([[False, True, True, True, False, True]]))
+
+
 def test_modules_repr():
     assert repr(khot.nn.TopK(3, 1, magnitude=True)) == "TopK(k=3, dim=1, magnitude=True)"
     assert "keep=0.5" in repr(khot.nn.TokenPruning(0.5))
@@ -274,6 +287,14 @@ def test_modules_repr():
         (lambda: khot.select_topk(torch.ones(4, 2), torch.ones(4), 5), ValueError, r"k=5 is out of range"),
         (lambda: khot.select_topk(torch.ones(2, 4, 2), torch.ones(2, 4), -1), ValueError, r"k=-1 is out of range"),
         (lambda: khot.select_topk(torch.ones(4, 2), torch.ones(4), torch.tensor(1)), TypeError, r"k must be an int"),
+        # issue 10: switches must be bools; select_topk takes no tensor k, so its message offers none
+        (lambda: khot.select_topk(torch.ones(4, 2), torch.ones(4), 2.5), TypeError, r"^k must be an int, got 2.5$"),
+        (lambda: khot.select_topk(torch.ones(4, 2), torch.ones(4), 2, sorted="no"), TypeError, r"sorted must be True or False, got 'no'"),
+        (lambda: khot.topk_mask(torch.ones(4), 2, largest=1), TypeError, r"largest must be True or False, got 1"),
+        (lambda: khot.keep_topk(torch.ones(4), 2, magnitude=1), TypeError, r"magnitude must be True or False, got 1"),
+        (lambda: khot.nn.TopKActivation(2, relu=1), TypeError, r"relu must be True or False, got 1"),
+        (lambda: khot.nn.TopKActivation(2, dense="yes"), TypeError, r"dense must be True or False, got 'yes'"),
+        (lambda: khot.nn.BatchTopK(2, relu=0), TypeError, r"relu must be True or False, got 0"),
         (lambda: khot.nn.TokenPruning(1.5), ValueError, r"keep must lie in \(0, 1\]"),
         (lambda: khot.nn.TokenPruning(-2), ValueError, r"keep must be >= 0"),
         (lambda: khot.nn.TokenPruning(3)(torch.ones(1, 3, 2), scores=torch.ones(1, 2)), ValueError, r"keep=3 is more than"),
