@@ -56,7 +56,7 @@ def _keep_setup(ctx, inputs, output):
     ctx.args = k, dim, largest, magnitude
 
 
-def _keep_backward(ctx, grad):
+def _keep_backward(ctx, grad):  # recomputes the mask; public calls with a gradient take where(mask) instead
     x, ks = ctx.saved_tensors
     k, dim, largest, magnitude = ctx.args
     mask = _topk_mask_op(x, k, ks, dim, largest, magnitude)
