@@ -90,16 +90,36 @@ if griffe is not None:
     _SECTION = re.compile(r"[ \t]*[A-Z][\w ]*:[ \t]*$")  # "Example:", "Returns:", ...
     _ROLE = re.compile(r":(?:func|class|meth|mod|attr|data|exc|obj):`~?([^`]+)`")
 
+    _ARGS = re.compile(r"([ \t]*)(Args|Arguments|Parameters|Keyword Args|Other Parameters):[ \t]*$")
+    _GROUPED = re.compile(r"([ \t]+)(\w+(?:[ \t]*,[ \t]*\w+)+):(.*)$")
+
+    def _split_grouped_args(text: str) -> str:
+        """``a, b: what`` in an Args section (parameters documented together) as one entry per name."""
+        out, section = [], None
+        for line in text.splitlines():
+            header = _ARGS.match(line)
+            if header:
+                section = len(header[1])
+            elif section is not None and line.strip() and len(line) - len(line.lstrip()) <= section:
+                section = None
+            grouped = _GROUPED.match(line) if section is not None else None
+            if grouped:
+                out += [f"{grouped[1]}{name.strip()}:{grouped[3]}" for name in grouped[2].split(",")]
+            else:
+                out.append(line)
+        return "\n".join(out)
+
     class DoctestBlocks(griffe.Extension):
         """Render every docstring example (``>>>`` lines and their output) as a code block, also
         outside an "Example:" section, so that example output such as ``[0.1, 0.2]`` is not
-        read as Markdown; Sphinx roles (``:func:`name```) become inline code."""
+        read as Markdown; Sphinx roles (``:func:`name```) become inline code; parameters documented
+        together (``a, b: what``) get one entry each."""
 
         def on_instance(self, *, obj, **kwargs) -> None:
             doc = obj.docstring
             if doc is None:
                 return
-            doc.value = _ROLE.sub(r"``\1``", doc.value)
+            doc.value = _split_grouped_args(_ROLE.sub(r"``\1``", doc.value))
             if ">>> " not in doc.value:
                 return
 

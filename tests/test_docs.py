@@ -30,11 +30,12 @@ def test_site_builds_strict_with_the_api_reference(tmp_path):
         cwd=ROOT, capture_output=True, text=True, env=env,
     )
     assert done.returncode == 0, f"mkdocs build --strict failed:\n{done.stdout}\n{done.stderr}"
-    api = {page: (tmp_path / "api" / page / "index.html").read_text() for page in ("khot", "nn", "relaxed", "sampling", "metrics")}
+    pages = ("khot", "nn", "relaxed", "sampling", "losses", "metrics", "distributed")
+    api = {page: (tmp_path / "api" / page / "index.html").read_text() for page in pages}
     for page, name in [
         ("khot", "khot.topk_mask"), ("khot", "khot.sigmoid_topk"), ("khot", "khot.soft_select"), ("khot", "khot.sample_khot"),
         ("nn", "khot.nn.TokenPruning"), ("nn", "khot.nn.TopKRouter"), ("sampling", "khot.sampling.pips_sample"),
-        ("metrics", "khot.metrics.nccs"),
+        ("losses", "khot.losses.topk_loss"), ("metrics", "khot.metrics.nccs"), ("distributed", "khot.distributed.sharded_topk"),
     ]:
         assert f'id="{name}"' in api[page], f"the API reference lacks {name}"
     choosing = (tmp_path / "choosing" / "index.html").read_text()
