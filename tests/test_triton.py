@@ -160,14 +160,24 @@ def sigmoid_kernels():
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy meets inf - inf on purpose
-@pytest.mark.parametrize("block", [4096, 16])  # one block held in registers; rows read block by block
-def test_sigmoid_forward(sigmoid_kernels, monkeypatch, block):
+@pytest.mark.parametrize(
+    "block, spread_below_rows, rounds",
+    [(4096, 1024, 3), (16, 1024, 1), (16, 1, 3)],  # held in registers; spread over programs (then finished by one); read block by block
+)
+def test_sigmoid_forward(sigmoid_kernels, monkeypatch, block, spread_below_rows, rounds):
     """Within 2e-6 of the float64 solution (float32; float64: 1e-9, as |Σ p - k| <= 5e-10 max(1, k)); the same as the CPU path."""
     monkeypatch.setattr(sigmoid_kernels, "BLOCK", block)
+    monkeypatch.setattr(sigmoid_kernels, "SPREAD_BELOW_ROWS", spread_below_rows)
+    monkeypatch.setattr(sigmoid_kernels, "SPREAD_ROUNDS", rounds)
     g = torch.Generator().manual_seed(4)
     x = torch.randn(3, 40, generator=g)
     x[1, 5], x[1, 7] = float("inf"), -float("inf")
     k = torch.tensor([0.5, 6.0, 39.0])
+    if block == 16:
+        x[2, 3] = float("nan")  # a NaN row: NaN where x is NaN, as on the CPU
+        got, want = _both(khot.sigmoid_topk, x, k)
+        assert torch.equal(got.isnan(), want.isnan()) and (got[:2] - want[:2]).abs().max() <= 2e-6
+        x = x.nan_to_num(0.0, float("inf"), -float("inf"))
     cases = [(torch.float32, 2e-6), (torch.float64, 1e-9)]
     for dtype, tol in cases if block > 16 else cases[:1]:  # the interpreter is slow
         for tau in (1.0, 0.05) if block > 16 else (0.05,):
