@@ -195,7 +195,8 @@ def _all_gather_json(value, group) -> list:
         error, meta = value
         text = json.dumps(((error[0], error[1][: _META_BYTES // 8] + " ..."), meta))
     data = text.encode()
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    nccl = dist.get_backend(group) == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
     buffer = torch.zeros(_META_BYTES, dtype=torch.uint8)
     buffer[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     parts = [torch.empty(_META_BYTES, dtype=torch.uint8, device=device) for _ in range(dist.get_world_size(group))]
@@ -373,7 +374,8 @@ def _bisect(lo: Tensor, hi: Tensor) -> Tensor:
     return _unkey(torch.minimum(torch.maximum(mid, klo + quarter), khi - quarter).clamp(klo, khi))
 
 
-def _solve_c(a: Tensor, finite: Tensor, kf: Tensor, n_fin: Tensor, lo: Tensor, hi: Tensor, c: Tensor, active: Tensor, shard):
+def _solve_c(a: Tensor, finite: Tensor, kf: Tensor, n_fin: Tensor, lo: Tensor, hi: Tensor, c: Tensor,
+             active: Tensor, shard: _Shard) -> Tensor:
     """``c`` per row with ``Σ sigmoid(a + c) = kf`` over the finite ``a`` of the whole row.
 
     Every evaluation is one all-reduce of three per-row sums. A Newton step on
@@ -545,7 +547,9 @@ def sharded_sigmoid_topk(x: Tensor, k, dim: int = -1, *, temperature, group=None
         kt = kt if kt.is_floating_point() else kt.double()
     else:
         if k > n:
-            raise ValueError(f"sharded_sigmoid_topk: k={k} is out of range: expected 0 <= k <= {n} (the global length of dim)")
+            raise ValueError(
+                f"sharded_sigmoid_topk: k={k} is out of range: expected 0 <= k <= {n} (the global length of dim)"
+            )
         kt = torch.full(batch, float(k), dtype=torch.float64, device=shard.local.device)
     tau = torch.broadcast_to(torch.as_tensor(temperature, dtype=torch.float64, device=shard.local.device), batch)
     p = _ShardedSigmoidTopK.apply(shard.local, kt, tau, shard)
