@@ -238,3 +238,179 @@ def test_compile_matches_eager():
     (g,) = torch.autograd.grad(out.square().sum(), x)
     (ge,) = torch.autograd.grad(fn(x).square().sum(), x)
     torch.testing.assert_close(g, ge, atol=1e-6, rtol=1e-4)
+
+
+# --- accuracy on hostile inputs: the float64 solution, rounded, whatever the input ----------------
+
+
+def threshold_reference(x: torch.Tensor, k, tau, halvings: int = 1100) -> torch.Tensor:
+    """``sigmoid((x - t) / tau)`` in float64 with ``t`` by plain value bisection to adjacent doubles.
+
+    Written in the threshold form (``t`` in x's units), so that ``x - t`` is exact near the
+    threshold even when ``|x / tau|`` is huge; 1100 halvings reach adjacent doubles from any
+    finite bracket (rows of moderate range need fewer). Rows of ``x`` (2-D), finite or ±inf
+    entries; ``k`` and ``tau`` numbers or per-row tensors.
+    """
+    z = x.double()
+    k = torch.as_tensor(k, dtype=torch.float64).expand(z.shape[:-1])
+    tau = torch.as_tensor(tau, dtype=torch.float64).expand(z.shape[:-1]).unsqueeze(-1)
+    finite = z.masked_fill(~torch.isfinite(z), 0)
+    span = finite.abs().amax(-1) + 1 + 60 * tau[..., 0]
+    lo, hi = (-span).clamp(min=-1e308), span.clamp(max=1e308)
+    for _ in range(halvings):
+        mid = lo / 2 + hi / 2
+        above = torch.sigmoid((z - mid.unsqueeze(-1)) / tau).sum(-1) > k  # mid is below the root
+        lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
+    p = torch.sigmoid((z.unsqueeze(0) - torch.stack([lo, hi]).unsqueeze(-1)) / tau)
+    best = (p.sum(-1) - k).abs().argmin(0)  # the end of the final bracket whose sum is closer to k
+    return p.gather(0, best.view(1, -1, 1).expand(1, *z.shape))[0]
+
+
+def check_accuracy(x: torch.Tensor, k, tau) -> None:
+    p = sigmoid_topk(x, k, temperature=tau)
+    ref = threshold_reference(x, k, tau)
+    k = torch.as_tensor(k, dtype=torch.float64)
+    floor = (ref.sum(-1) - k).abs()  # what float64 itself can reach here
+    error = (p.double().sum(-1) - k).abs()
+    if x.dtype == torch.float64:
+        assert bool((error <= torch.clamp(floor * 2, min=1e-9 * k.clamp(min=1))).all())
+    else:  # where no threshold reaches k (two adjacent doubles, equally far), either is right
+        resolved = floor <= 1e-6 * k.clamp(min=1)
+        assert bool((error[~resolved] <= floor[~resolved] + 1e-5).all())
+        worst = (p.double() - ref).abs().amax(-1)[resolved]
+        assert bool((worst <= 2e-6).all()), float(worst.max())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_staircase_of_ties_at_tiny_temperature(dtype):
+    x = torch.randint(-3, 3, (1, 20), generator=torch.Generator().manual_seed(4)).to(dtype)
+    p = sigmoid_topk(x, 16, temperature=1e-6)
+    assert abs(float(p.double().sum()) - 16) <= (1e-9 if dtype == torch.float64 else 1e-5) * 16
+    check_accuracy(x, 16, 1e-6)
+    check_accuracy(x, 15.3, 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("tau", [1e-30, 1e-12])
+def test_scores_far_beyond_the_old_clamp(dtype, tau):
+    x = torch.randn(3, 40, generator=torch.Generator().manual_seed(5), dtype=dtype)
+    for k in (10, 10.5, 29.25):  # 29.25: no threshold in float64 gives a partial 0.25 at tau = 1e-30
+        p = sigmoid_topk(x, k, temperature=tau)
+        if k != 29.25 or tau > 1e-20:
+            assert abs(float(p[0].double().sum()) - k) <= 1e-5 * k
+        check_accuracy(x, k, tau)
+
+
+def test_finite_scores_near_the_float32_limit():
+    x = torch.tensor([[3e38, -3e38, 1e38, -1e38, 0.0, 2.9e38, -2.9e38, 5.0, -5.0, 1.0, 2e38, -2e38]])
+    for k in (1, 3.5, 10, 11.9):
+        p = sigmoid_topk(x, k)
+        assert torch.isfinite(p).all()
+        check_accuracy(x, k, 1.0)
+
+
+def test_near_uniform_scores_with_half_of_a_long_row():
+    x = 1e-3 * torch.randn(4, 10**5, generator=torch.Generator().manual_seed(6))
+    p = sigmoid_topk(x, 50000.5)
+    ref = threshold_reference(x, 50000.5, 1.0, halvings=80)
+    assert (p.double() - ref).abs().max() <= 2e-6
+    assert (p.double().sum(-1) - 50000.5).abs().max() <= 1e-2  # float32 rounding of 10^5 values
+
+
+def test_wide_scores_on_a_long_row():
+    x = 1e3 * torch.randn(4, 10**5, generator=torch.Generator().manual_seed(7))
+    p = sigmoid_topk(x, 123.4)
+    assert (p.double() - threshold_reference(x, 123.4, 1.0, halvings=80)).abs().max() <= 2e-6
+
+
+def fuzz_rows(seed: int, count: int, n: int = 48):
+    """``count`` hostile rows padded to length ``n`` with -inf (which changes no sum), per-row k and tau."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.full((count, n), -math.inf, dtype=torch.float64)
+    k, tau = torch.empty(count, dtype=torch.float64), torch.empty(count, dtype=torch.float64)
+    for i in range(count):
+        m = int(torch.randint(1, n + 1, (1,), generator=g))
+        kind = i % 5
+        if kind == 0:
+            row = torch.randn(m, generator=g, dtype=torch.float64) * 10 ** float(torch.empty(1).uniform_(-6, 6, generator=g))
+        elif kind == 1:  # staircases and ties
+            row = torch.randint(-4, 4, (m,), generator=g).double() * 10 ** float(torch.empty(1).uniform_(-3, 3, generator=g))
+        elif kind == 2:  # heavy tails
+            row = torch.empty(m, dtype=torch.float64).cauchy_(generator=g)
+        elif kind == 3:  # masked entries and a +inf
+            row = torch.randn(m, generator=g, dtype=torch.float64)
+            row[torch.rand(m, generator=g) < 0.3] = -math.inf
+            row[0] = math.inf if m > 2 else row[0]
+        else:  # exponential spread
+            row = torch.randn(m, generator=g, dtype=torch.float64).exp() ** 3
+        x[i, :m] = row.float().double()  # values that float32 holds exactly
+        plus, reachable = int((row == math.inf).sum()), int((row > -math.inf).sum())
+        k[i] = float(torch.empty(1).uniform_(plus, reachable, generator=g))  # at least the +inf ones, at most all but -inf
+        tau[i] = 10 ** float(torch.empty(1).uniform_(-8, 3, generator=g))
+    return x, k, tau
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fuzz_against_the_float64_threshold_reference(dtype):
+    x, k, tau = fuzz_rows(8 if dtype == torch.float32 else 9, 300)
+    check_accuracy(x.to(dtype), k, tau)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_portable_path_matches_the_reference_and_the_cpu_path(dtype):
+    import khot
+
+    x, k, tau = fuzz_rows(10, 100)
+    x = x.to(dtype)
+    with khot.use_backend("portable"):
+        check_accuracy(x, k, tau)
+        portable = sigmoid_topk(x, k, temperature=tau)
+    torch.testing.assert_close(portable, sigmoid_topk(x, k, temperature=tau), atol=2e-6 if dtype == torch.float32 else 1e-9, rtol=0)
+
+
+def test_gradient_on_hostile_inputs_matches_the_closed_form_at_the_reference():
+    x, k, tau = fuzz_rows(11, 100)
+    x, k, tau = x.requires_grad_(), k.requires_grad_(), tau.requires_grad_()
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    (sigmoid_topk(x, k, temperature=tau) * g).sum().backward()
+    ref = threshold_reference(x.detach(), k.detach(), tau.detach())
+    t = tau.detach().unsqueeze(-1)
+    w = ref * (1 - ref)
+    s = w.sum(-1, keepdim=True)
+    m = torch.where(s > 0, (w * g).sum(-1, keepdim=True) / s.clamp(min=1e-300), 0)
+    xf = torch.where(w > 0, x.detach(), 0)
+    xbar = torch.where(s > 0, (w * xf).sum(-1, keepdim=True) / s.clamp(min=1e-300), 0)
+    big = g.abs().amax(-1, keepdim=True)
+    grads = {  # name: (got, expected, the size of its terms)
+        "x": (x.grad, w * (g - m) / t, w.amax(-1, keepdim=True) * big / t),
+        "k": (k.grad, m[:, 0], big[:, 0]),
+        "tau": (tau.grad, -(w * (g - m) * (xf - xbar)).sum(-1) / t[:, 0] ** 2, (w * big * (xf - xbar).abs()).sum(-1) / t[:, 0] ** 2),
+    }
+    conditioned = s[:, 0] > 1e-3  # rows where the relaxed mask is not (numerically) a hard mask
+    assert int(conditioned.sum()) > 50
+    for name, (got, expected, size) in grads.items():
+        error = (got - expected)[conditioned].abs()
+        assert (error / size[conditioned].clamp(min=1e-20)).max() <= 1e-6, name  # 1e-20: gradients that are zero in effect
+
+
+def test_meta_tensors_and_compiled_checks():
+    import khot
+
+    p = sigmoid_topk(torch.empty(4, 7, device="meta"), 2.5, temperature=0.5)
+    assert p.shape == (4, 7) and p.device.type == "meta"
+    x = torch.randn(3, 8)
+    for bad_k in (torch.tensor(99.0), torch.tensor(math.nan)):
+        with pytest.raises(ValueError, match="k must lie in"):
+            sigmoid_topk(x, bad_k)
+        with pytest.raises(ValueError, match="k must lie in"):
+            torch.compile(lambda x, k: sigmoid_topk(x, k), fullgraph=True)(x, bad_k)
+    with pytest.raises(ValueError, match="temperature must be finite and > 0"):
+        torch.compile(lambda x, t: sigmoid_topk(x, 2, temperature=t), fullgraph=True)(x, torch.tensor(-1.0))
+    assert torch._dynamo.explain(lambda x: khot.sigmoid_topk(x, 2.0))(x).graph_break_count == 0
+    with pytest.raises(ValueError, match="k must lie in"):
+        torch.func.vmap(lambda row, k: sigmoid_topk(row, k))(x, torch.tensor([1.0, 2.0, 99.0]))
+
+
+def test_opcheck():
+    from khot.relaxed.sigmoid import _forward_op
+
+    x = torch.randn(3, 9)
+    torch.library.opcheck(_forward_op, (x, torch.tensor([1.0, 2.5, 4.0], dtype=torch.float64), torch.ones(3, dtype=torch.float64)))

@@ -1,37 +1,47 @@
-"""Sigmoid top-k: a relaxed k-hot vector, ``sigmoid(x / τ + c)`` with ``c`` such that it sums to k.
+"""Sigmoid top-k: a relaxed k-hot vector, ``sigmoid((x - t) / τ)`` with ``t`` such that it sums to k.
 
-``p = sigmoid(x / τ + c)``, with one scalar ``c`` per slice solving ``Σ p = k``, lies in
-``[0, 1]`` and sums to ``k``: it is the entropy-regularised relaxation of the top-k mask
-(Wijk, Vinuesa & Azizpour, "Differentiable top-k: from one-hot to k-hot"). It is
-differentiable with respect to ``x``, ``k`` and a tensor temperature, and tends to the exact
-k-hot mask as ``τ → 0``.
+``p = sigmoid((x - t) / τ)``, with one threshold ``t`` per slice solving ``Σ p = k`` (the
+paper writes ``c = -t / τ``), lies in ``[0, 1]`` and sums to ``k``: it is the
+entropy-regularised relaxation of the top-k mask (Wijk, Vinuesa & Azizpour, "Differentiable
+top-k: from one-hot to k-hot"). It is differentiable with respect to ``x``, ``k`` and a tensor
+temperature, and tends to the exact k-hot mask as ``τ → 0``.
 
-Forward: ``f(c) = Σ sigmoid(x / τ + c)`` is strictly increasing, so the root is unique. It is
-found by Halley's method on ``log f(c) = log k`` (or ``log(n - f(c)) = log(n - k)`` when
-``k > n / 2``), where the sums behave like exponentials and Halley is nearly exact. Every step
-is safeguarded by a bracket kept per slice: what the evaluations so far tell (below or above the
-root), narrowed by ``logit(k/n) - max(x/τ) <= c <= logit(k/n) - min(x/τ)`` the first time a step
-needs it (two more reads, skipped on typical inputs); a step that leaves the bracket is replaced
-by a bisection step (taken in ``asinh`` space, so that very wide brackets shrink quickly). The
-start comes from a strided sub-sample of about 4096 elements: the probit approximation
-(the mean of ``sigmoid(z + c)`` over normal ``z`` with mean ``μ`` and deviation ``s`` is about
-``sigmoid((μ + c) / sqrt(1 + π s² / 8))``, ``s`` taken from the mean absolute deviation, which
-heavy tails do not blow up), then, for longer slices, the sub-sample's own root solved to the
-~1e-3 it can represent; so a typical problem takes one Halley step plus the evaluation that
-confirms convergence. An evaluation is one (multiply-)add and an in-place
-``sigmoid`` into the one full-size buffer (which becomes the output), then its sum; a step adds
-``Σ p²`` (a norm) and ``Σ p³`` (cubed in place: the next evaluation rewrites the buffer). So a
-typical solve reads the input about eight times in all, allocates one full-size tensor, never
-sorts and never copies the input to float64 (half and bfloat16 inputs are evaluated in float32;
-float64 inputs in float64). The iteration count is capped (``_MAX_ITER`` per stage) and the loop stops as soon as every
-slice satisfies ``|Σ p - k| <= tol * max(1, k)`` (``tol`` = 1e-5 in float32, 1e-12 in float64)
-or its bracket cannot shrink further in the working precision. Typical inputs take 2
-evaluations; a "staircase" (scores spread over many multiples of ``τ``, e.g. ``|x / τ|`` up to
-1e5 with n = 1000) up to about 30. In float32, ``p`` cannot be resolved finer than about
-``ulp(max |x / τ|)``. Under ``torch.compile`` and ``vmap`` the solver is the custom op
-``khot::sigmoid_topk_solve`` (with a fake and a vmap rule), so the compiler sees one opaque
-call instead of an unrolled loop; plain eager calls run it directly. At small ``n`` the cost
-is the solver's ~50 small tensor ops per iteration (~1-2 ms a call on a 2-core CPU), not the data.
+Accuracy: the output is the float64 solution rounded to the output dtype (float32: within
+about 1e-6 of it; float64: ``|Σ p - k| <= 1e-9 max(1, k)`` wherever float64 can resolve the
+threshold), for every input with finite and ±inf entries, any ``τ > 0`` and ``0 <= k <= n``.
+Three things make that hold:
+
+* the threshold ``t`` is a float64 per slice, and float32 inputs are evaluated as
+  ``((x - t_hi) - t_lo) / τ`` with ``t = t_hi + t_lo`` split into a float32 head and tail:
+  ``x - t_hi`` is exact for the entries near the threshold, which are the ones that matter;
+* the sums ``Σ p`` and ``Σ p²`` accumulate in float64;
+* the solver cannot stop early or at a cap. ``f(t) = Σ p`` is decreasing, and in
+  ``u = e^{-t/τ}`` it is a sum of concave functions ``u / (a_i + u)``, so the Newton step
+  in ``u`` (a step ``log1p(|k - f| / f')`` in ``c``, with ``f' = Σ p (1 - p)``) approaches
+  the root monotonically from either side, quadratically near it. Every evaluation shrinks
+  a bracket ``[lo, hi]`` on ``t``; a Newton step is taken only inside the bracket and when
+  it is at most half the previous one (else, on "staircases" of scores many ``τ`` apart, it
+  would creep one stair at a time), at most ``_NEWTON`` times (once the Newton step in ``c`` is
+  below 1/2, Halley's step, ``f''`` from ``Σ p³``, replaces it: cubic convergence); otherwise the bracket is
+  bisected on the bit pattern of its float64 ends, which reaches adjacent doubles from any
+  bracket in at most 64 steps. A slice is done when ``|Σ p - k|`` is below its tolerance
+  (float32: ``4e-6 Σ p (1 - p)``, so ``p`` moves by at most ``1e-6``; float64: that with
+  ``1e-10`` and ``5e-10 max(1, k)``) or when its bracket holds two adjacent doubles: then it
+  takes the one whose sum is closer to ``k``, the best float64 allows (e.g. ``|x / τ| ~ 1e30``
+  leaves no threshold between two scores). So at most ``2 + _NEWTON + 64`` evaluations, and
+  typically 2.
+
+Start: a strided sub-sample of about 4096 entries gives the probit approximation (the mean of
+``sigmoid(z + c)`` over normal ``z`` with mean ``μ`` and deviation ``s`` is about
+``sigmoid((μ + c) / sqrt(1 + π s² / 8))``), then, for longer slices, the sub-sample's own
+root solved to the ~1e-3 it can represent.
+
+Backends (:mod:`khot._backend`): the op ``khot::sigmoid_topk_forward`` solves the slices. Its
+CPU path stops each solve as soon as every slice is done and skips work a slice does not need
+(the float32 tail ``t_lo`` when it is negligible, the data bounds of the bracket until a
+Newton step is refused); its portable path (every other device, meta tensors, and
+``khot.use_backend("portable")``) has no host synchronisation: always the full
+``2 + _NEWTON + 64`` evaluations, done slices frozen, so the same accuracy with fixed work.
 
 Backward is closed-form (implicit function theorem, no solver): with ``w = p (1 - p)``,
 ``S = Σ w`` and ``m = Σ w g / S`` for an incoming gradient ``g``::
@@ -50,164 +60,210 @@ import math
 import torch
 from torch import Tensor
 
-from khot._checks import _inspectable, check_positive, check_real_count, check_tensor, normalize_dim
+from khot._backend import call, custom_op
+from khot._checks import check_positive, check_real_count, check_tensor, normalize_dim
 
 __all__ = ["sigmoid_topk"]
 
-_MAX_ITER = 40  # cap on solver evaluations per stage; typical inputs need 2-3
+_NEWTON = 12  # Newton steps per solve at most; typical inputs take 1-2
+_BITS = 64  # bisections of a float64 bracket that reach adjacent doubles from any bracket
+_EVALUATIONS = 2 + _NEWTON + _BITS  # enough for every slice: the portable path's fixed work
 _SAMPLE = 4096  # target size of the strided sub-sample that gives the starting point
-_BOUND = 1e30  # |c| is kept below this, so brackets stay finite when x holds ±inf
+_MAX = torch.finfo(torch.float64).max
+_R32 = 2.0**126  # 1 / τ is clamped here in float32 work (differences below 2**-126 are subnormal)
+_LOW_BITS = 0x7FFFFFFFFFFFFFFF
+_F32 = 2.0**127  # float32 work clamps the threshold and its tail here (finite; inf - inf is NaN)
 
 
-def _evaluate(x: Tensor, c: Tensor, r: float | Tensor, out: Tensor | None = None) -> Tensor:
-    """``sigmoid(x * r + c)`` in ``c``'s dtype: one (multiply-)add and one in-place sigmoid."""
-    c = c.unsqueeze(-1)
-    out = torch.add(c, x, alpha=r, out=out) if isinstance(r, float) else torch.addcmul(c, x, r, out=out)
+def _key(t: Tensor) -> Tensor:
+    """Order-preserving int64 key of a float64 tensor (an involution: ``_key`` undoes itself)."""
+    bits = t.view(torch.int64)
+    return bits ^ ((bits >> 63) & _LOW_BITS)
+
+
+def _bisect(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+    """Midpoint of ``[lo, hi]`` on the float64 bit pattern, and whether the two are adjacent."""
+    a, b = _key(lo), _key(hi)
+    mid = (a >> 1) + (b >> 1) + (a & b & 1)  # floor of the mean, without overflow
+    return _key(mid).view(torch.float64), (mid == a) | (mid == b)
+
+
+def _evaluate(x: Tensor, t: Tensor, r: Tensor, out: Tensor | None, tail: bool, scale: float | None) -> Tensor:
+    """``sigmoid((x - t) * r)`` into ``out``; ``t`` and ``r`` (``±1 / τ``) float64 per slice.
+
+    In float32 the threshold is split, ``t = t_hi + t_lo``, so that ``x - t_hi`` is exact near
+    the threshold; ``tail=False`` drops ``t_lo`` (the CPU path does so only where it is
+    negligible). ``scale``: ``r`` as one number when every slice has the same (cheaper).
+    """
+    if x.dtype == torch.float64:
+        t_hi, r_x = t, r
+    else:
+        t_hi, r_x = t.clamp(-_F32, _F32).to(x.dtype), r.clamp(-_R32, _R32).to(x.dtype)
+    out = torch.sub(x, t_hi.unsqueeze(-1), out=out)
+    if scale is None:
+        out.mul_(r_x.unsqueeze(-1))
+    elif scale != 1.0:
+        out.mul_(scale)
+    if tail and x.dtype != torch.float64:
+        out.sub_(((t - t_hi.double()) * r).clamp(-_F32, _F32).to(x.dtype).unsqueeze(-1))
     return out.sigmoid_()
 
 
-def _bracket(x: Tensor, k: Tensor, r: float | Tensor) -> tuple[Tensor, Tensor]:
-    """Per-slice bounds ``logit(k/n) - max(x r) <= c <= logit(k/n) - min(x r)`` on the root."""
-    rr = torch.as_tensor(r, dtype=k.dtype, device=k.device)
-    rr = rr.squeeze(-1) if rr.dim() else rr
-    xmax, xmin = x.amax(-1).to(k.dtype), x.amin(-1).to(k.dtype)
-    logit = torch.logit(k / x.shape[-1])
-    lo = logit - torch.where(rr > 0, rr * xmax, rr * xmin)
-    hi = logit - torch.where(rr > 0, rr * xmin, rr * xmax)
-    return lo.clamp(-_BOUND, _BOUND), hi.clamp(-_BOUND, _BOUND)
+def _sums(p: Tensor, accurate: bool) -> tuple[Tensor, Tensor]:
+    """``(Σ p, Σ p (1 - p))`` per slice in float64, accumulated in float64 where ``accurate``."""
+    if accurate or p.dtype == torch.float64:
+        f = p.sum(-1, dtype=torch.float64)
+        return f, (f - torch.linalg.vector_norm(p, dim=-1, dtype=torch.float64).square()).clamp_(min=0)
+    f = p.sum(-1).double()
+    return f, (f - torch.linalg.vector_norm(p, dim=-1).double().square()).clamp_(min=0)
 
 
-def _halley(
-    x: Tensor, k: Tensor, r: float | Tensor, c: Tensor, dtype: torch.dtype, tol: Tensor
-) -> tuple[Tensor, Tensor, int]:
-    """Safeguarded Halley iteration for ``Σ sigmoid(x * r + c) = k`` along the last dim, from ``c``.
-
-    ``k`` (``0 < k <= n / 2``), ``c`` and the tolerance ``tol`` on ``|Σ p - k|`` are per-slice
-    float64 (or ``dtype`` on devices without float64); ``r`` is a nonzero slope, a number or a
-    per-slice ``(..., 1)`` tensor in ``dtype``.
-    Halley's step on ``log f(c) - log k`` (Newton's where Halley's correction is large) is taken
-    when it stays inside the bracket known so far and is at most half the previous step;
-    otherwise the bracket is bisected in ``asinh`` space. The bracket starts as what the
-    evaluations so far tell (below or above the root); the bounds from ``min`` and ``max`` of
-    the input (two more reads) are computed only for the first step that needs them. NaN slices
-    stop at once. Returns ``(p, c, evaluations)``.
-    """
-    eps = 2 * torch.finfo(dtype).eps  # a bracket this narrow (relative) cannot shrink further
-    log_k = k.log()
-    lo, hi = torch.full_like(c, -_BOUND), torch.full_like(c, _BOUND)
-    bounded = False  # whether lo and hi include the bounds from min and max
-    limit = torch.full_like(c, math.inf)  # half the last step taken: Halley may not step further
-    s = None  # the one full-size buffer, reused from one evaluation to the next
-    for it in range(1, _MAX_ITER + 1):
-        point = c.to(dtype)
-        c = point.to(k.dtype)  # the point actually evaluated
-        s = _evaluate(x, point, r, s)
-        f = s.sum(-1).to(k.dtype)
-        below = f < k
-        lo = torch.where(below, c, lo)
-        hi = torch.where(below, hi, c)
-        # NaN slices count as done (their error compares false) and come out NaN
-        done = ~((f - k).abs() > tol) | (hi - lo <= eps * torch.maximum(hi, -lo))  # max(|lo|, |hi|), lo <= hi
-        if bool(done.all()):
-            nan = f.isnan()
-            return (s.masked_fill_(nan.unsqueeze(-1), math.nan) if bool(nan.any()) else s), c, it
-        s2 = torch.linalg.vector_norm(s, dim=-1).to(k.dtype).square()
-        s3 = s.pow_(3).sum(-1).to(k.dtype)  # in place: the next evaluation rewrites s
-        phi = f.log() - log_k
-        d1 = (f - s2) / f  # d/dc log f
-        d1_sq = d1.square()
-        d2 = torch.add(f, s2, alpha=-3).add_(s3, alpha=2).div_(f).sub_(d1_sq)  # d2/dc2 log f
-        newton = -phi / d1
-        bend = phi * d2 / d1_sq  # Halley's step is Newton's divided by 1 - bend / 2
-        step = torch.where(bend.abs() <= 1, newton / (1 - bend / 2), newton)
-        new = c + step
-        good = (new == new.clamp(lo, hi)) & (step.abs() <= limit)
-        settled = bool((good | done).all())
-        if not bounded and not settled:
-            lo0, hi0 = _bracket(x, k, r)
-            lo, hi, bounded = torch.maximum(lo, lo0), torch.minimum(hi, hi0), True
-            good = good & (new == new.clamp(lo, hi))
-            settled = bool((good | done).all())
-        if not settled:  # bisect where Halley's step is refused
-            mid = torch.sinh((torch.asinh(lo) + torch.asinh(hi)) / 2)
-            step = torch.where(good, step, mid - c)
-        step = torch.where(done, 0, step)
-        limit = torch.where(done, limit, step.abs() / 2)
-        c = c + step
-    return _evaluate(x, c.to(dtype), r, s), c, _MAX_ITER + 1
+def _bounds(u: tuple[Tensor, Tensor], k: Tensor, r: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """``min(u) - L τ <= t <= max(u) - L τ`` with ``L = logit(k / n)``: ``f`` is ``>= k`` and ``<= k`` there."""
+    shift = torch.logit(k / n) / r
+    return (u[0] - shift).clamp(-_MAX, _MAX), (u[1] - shift).clamp(-_MAX, _MAX)
 
 
-def _solve(x: Tensor, k: Tensor, r: float | Tensor, dtype: torch.dtype) -> tuple[Tensor, int]:
-    """Return ``(sigmoid(x * r + c), evaluations)`` with ``c`` solving the sum constraint.
+def _extremes(x: Tensor, sign: Tensor) -> tuple[Tensor, Tensor]:
+    """``min`` and ``max`` per slice of ``u = sign * x``, in float64."""
+    xmin, xmax = (v.double() for v in torch.aminmax(x, dim=-1))
+    return torch.where(sign > 0, xmin, -xmax), torch.where(sign > 0, xmax, -xmin)
 
-    ``x`` is ``(..., n)`` with ``n >= 1``; ``k`` holds per-slice targets with ``0 < k <= n / 2``
-    (float64, or float32 where float64 is unsupported); ``r`` is a nonzero slope (``±1 / τ``),
-    a number or a per-slice ``(..., 1)`` tensor in the compute dtype ``dtype``.
+
+def _iterate(
+    x: Tensor, k: Tensor, r: Tensor, sign: Tensor, t: Tensor, tol_w: float, tol_k: float, adaptive: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Solve ``Σ sigmoid((u - t) r) = k`` per slice from ``t``, ``u = sign x``; return ``(p, t, Σ p)``.
+
+    ``k`` (``0 < k < n``), ``r > 0``, ``sign`` (±1) and ``t`` are float64 per slice. A slice is
+    done when ``|Σ p - k| <= min(tol_w Σ p (1 - p), tol_k max(1, k))`` or its bracket holds
+    adjacent doubles (NaN slices at once). ``adaptive`` stops when every slice is done and
+    computes only what a step needs (CPU): sums accumulate in float32 where their rounding
+    (at most ``2**-24 ceil(log2 n) Σ p``, pairwise) cannot matter, else in float64; otherwise
+    every evaluation runs, done slices frozen, float64 sums (no synchronisation).
     """
     n = x.shape[-1]
+    lo, hi = torch.full_like(t, -_MAX), torch.full_like(t, _MAX)
+    if not adaptive:
+        lo, hi = _bounds(_extremes(x, sign), k, r, n)
+    bounded = not adaptive
+    previous = torch.full_like(t, math.inf)  # the last Newton step: the next must be at most half
+    newton = torch.zeros_like(t)  # Newton steps taken
+    tol_k = tol_k * k.clamp(min=1)
+    rounding = 2.0**-24 * math.ceil(math.log2(n + 1))  # relative error bound of a float32 sum
+    f_lo, f_hi = torch.full_like(t, math.inf), torch.full_like(t, math.inf)  # f at lo and hi
+    final = torch.zeros_like(t, dtype=torch.bool)  # slices moved to the better end of adjacent doubles
+    rs = sign * r
+    first = rs.reshape(-1)[0]
+    scale = float(first) if adaptive and bool((rs == first).all()) else None
+    p = None
+    for evaluation in range(1, _EVALUATIONS + 1):
+        # dropping t_lo moves p by |t_lo| r / 4 <= 2**-26 |t r| at most: the CPU path does where that is < 2e-7
+        tail = not adaptive or bool((t.abs() * r).amax() > 12)
+        p = _evaluate(x, sign * t, rs, p, tail, scale)
+        f, w = _sums(p, accurate=not adaptive)
+        done = final | ~(((k - f).abs() > tol_w * w) | ((k - f).abs() > tol_k))  # NaN slices are done
+        if adaptive and x.dtype != torch.float64 and bool((done & (rounding * 2 * f > tol_w * w)).any()):
+            f, w = _sums(p, accurate=True)  # a slice that looks done, but float32 sums cannot tell
+            done = final | ~(((k - f).abs() > tol_w * w) | ((k - f).abs() > tol_k))
+        gap = k - f
+        hi, f_hi = torch.where(gap > 0, t, hi), torch.where(gap > 0, f, f_hi)  # f decreases in t
+        lo, f_lo = torch.where(gap < 0, t, lo), torch.where(gap < 0, f, f_lo)
+        if evaluation == _EVALUATIONS:  # every slice is done by now (see the module docstring)
+            if adaptive and not bool(done.all()):
+                raise RuntimeError("khot: sigmoid_topk's solver did not converge; please report this input")
+            break
+        if adaptive and bool(done.all()):
+            break
+        # Newton in v = exp(-t r): a step log1p(|gap| / w) in c = -t r, never past the root; close
+        # to it (a Newton step in c below 1/2), Halley's step in c, with f'' = Σ p - 3 Σ p² + 2 Σ p³
+        cubes = p.pow_(3).sum(-1, dtype=None if adaptive else torch.float64).double()  # p is rewritten next
+        bend = (f - 3 * (f - w) + 2 * cubes) * gap / (2 * w.square())
+        close = (gap / w).abs() < 0.5
+        step_c = torch.where(close, gap / w / (1 + bend), torch.sign(gap) * torch.log1p(gap.abs() / w))
+        step = -step_c / r
+        new = t + step
+        good = (new > lo) & (new < hi) & (step.abs() <= previous / 2) & (newton < _NEWTON)
+        if not bounded and not bool((good | done).all()):
+            lo0, hi0 = _bounds(_extremes(x, sign), k, r, n)
+            lo, hi, bounded = torch.maximum(lo, lo0), torch.minimum(hi, hi0), True
+            good = good & (new > lo) & (new < hi)
+        if adaptive and bool((good | done).all()):
+            t = torch.where(done, t, new)
+        else:  # bisect where Newton is refused; where lo and hi are adjacent, take the better one
+            mid, adjacent = _bisect(lo, hi)
+            adjacent = adjacent & ~done & ~good
+            better = torch.where((f_lo - k).abs() <= (f_hi - k).abs(), lo, hi)
+            t = torch.where(done, t, torch.where(good, new, torch.where(adjacent, better, mid)))
+            final = final | adjacent
+        previous = torch.where(good, step.abs(), math.inf)
+        newton = newton + good
+    return p, t, f
+
+
+def _start(x: Tensor, k: Tensor, r: Tensor, sign: Tensor, adaptive: bool) -> Tensor:
+    """A starting threshold per slice (float64, in ``u = sign x``) from a strided sub-sample (see the module docstring)."""
+    n = x.shape[-1]
     stride = max(1, n // _SAMPLE)
-    xs = x[..., ::stride]
-    m = xs.shape[-1]
-    sample = xs.to(dtype)
+    sample = x[..., ::stride]
     mean = sample.mean(-1, keepdim=True)
-    dev = ((sample - mean).abs().mean(-1) * math.sqrt(math.pi / 2)).to(k.dtype)  # the std, for normal data
-    mean = mean.squeeze(-1).to(k.dtype)
-    slope = r if isinstance(r, float) else r.squeeze(-1).to(k.dtype)
-    spread = (1 + math.pi / 8 * (dev * slope) ** 2).sqrt()  # the probit approximation
-    start = torch.logit(k / n) * spread - mean * slope
-    start = start.nan_to_num(0.0).clamp(-_BOUND, _BOUND)  # ±inf in the sub-sample
-    if stride > 1:  # solved only as finely as the sub-sample represents the whole (~1%)
-        start = _halley(xs, k * (m / n), r, start, dtype, 1e-3 * k * (m / n))[1]
-    tol = (1e-5 if dtype != torch.float64 else 1e-12) * k.clamp(min=1)
-    p, _, evaluations = _halley(x, k, r, start, dtype, tol)
-    return p, evaluations
+    dev = (sample - mean).abs_().mean(-1).double() * math.sqrt(math.pi / 2)  # the std for normal data; tails do not blow it up
+    spread = (1 + math.pi / 8 * (dev * r).square()).sqrt()  # the probit approximation
+    t = (sign * mean.squeeze(-1).double() - torch.logit(k / n) * spread / r).nan_to_num(0.0, 0.0, 0.0)  # ±inf in the sample
+    if stride > 1:  # solved only as finely as the sub-sample represents the whole
+        m = sample.shape[-1]
+        t = _iterate(sample.contiguous(), k * (m / n), r, sign, t, math.inf, 1e-3, adaptive)[1].nan_to_num(0.0, 0.0, 0.0)
+    return t
 
 
-def _solve_slices(x: Tensor, k: Tensor, r: Tensor) -> Tensor:
-    """``sigmoid(x * r + c)`` summing to ``k`` over the last dim, in ``x``'s dtype.
+def _solve(x: Tensor, k: Tensor, inv_tau: Tensor, adaptive: bool) -> Tensor:
+    """``sigmoid((x - t) / τ)`` summing to ``k`` along the last dim, in ``x``'s dtype.
 
-    ``k`` (per slice, float64 or float32 on MPS) may be 0 or n (exact limits); ``r`` is the
-    per-slice ``(..., 1)`` tensor ``1 / τ`` in the compute dtype. ``k > n / 2`` is solved as
-    ``n - k`` for ``-x``, so that the sums stay accurate in float32.
+    ``x`` is ``(..., n)``; ``k`` (float64, may be 0 or n: exact limits) and ``inv_tau``
+    (``1 / τ``, float64) are per slice. ``k > n / 2`` is solved as ``n - k`` for ``-x`` (then
+    ``1 - p``), so the sums stay small and accurate.
     """
     n = x.shape[-1]
     if x.numel() == 0:
         return torch.empty_like(x)
+    work = x if x.dtype in (torch.float32, torch.float64) else x.float()
     edge = (k <= 0) | (k >= n)
     flip = k > n / 2
-    slope = torch.where(flip.unsqueeze(-1), -r, r)
-    first = slope.reshape(-1)[0]
-    uniform = bool((slope == first).all())  # then one scalar slope: a cheaper pass per evaluation
-    p, _ = _solve(x, torch.where(edge, n / 2, torch.minimum(k, n - k)), float(first) if uniform else slope, r.dtype)
-    if bool(flip.any()):
-        p = torch.where(flip.unsqueeze(-1), 1 - p, p) if not bool(flip.all()) else torch.rsub(p, 1)
-    if bool(edge.any()):
+    sign = torch.where(flip, -1.0, 1.0).to(torch.float64)
+    target = torch.where(edge, n / 2, torch.minimum(k, n - k))
+    tol_w, tol_k = (1e-10, 5e-10) if work.dtype == torch.float64 else (4e-6, math.inf)
+    t = _start(work, target, inv_tau, sign, adaptive)
+    p, _, f = _iterate(work, target, inv_tau, sign, t, tol_w, tol_k, adaptive)
+    if not adaptive or bool(flip.any()):
+        p = torch.where(flip.unsqueeze(-1), 1 - p, p) if not adaptive or not bool(flip.all()) else p.neg_().add_(1)
+    nan = f.isnan()  # a NaN anywhere makes the slice NaN
+    if not adaptive or bool(nan.any()):
+        p = p.masked_fill(nan.unsqueeze(-1), math.nan)
+    if not adaptive or bool(edge.any()):
         p = torch.where(edge.unsqueeze(-1), (k / n).unsqueeze(-1).to(p.dtype), p)
     return p.to(x.dtype)
 
 
-# one opaque op for torch.compile, with a vmap rule; plain eager calls skip its dispatch
-_solve_op = torch.library.custom_op("khot::sigmoid_topk_solve", _solve_slices, mutates_args=())
+def _forward_portable(x: Tensor, k: Tensor, inv_tau: Tensor) -> Tensor:
+    return _solve(x, k, inv_tau, adaptive=False)
 
 
-@_solve_op.register_fake
-def _(x: Tensor, k: Tensor, r: Tensor) -> Tensor:
-    return torch.empty_like(x)
+def _forward_cpu(x: Tensor, k: Tensor, inv_tau: Tensor) -> Tensor:
+    return _solve(x, k, inv_tau, adaptive=True)
 
 
-def _solve_vmap(info, in_dims, x: Tensor, k: Tensor, r: Tensor):
+_forward_op = custom_op("sigmoid_topk_forward", _forward_portable, cpu=_forward_cpu, fake=lambda x, k, inv_tau: torch.empty_like(x))
+
+
+def _forward_vmap(info, in_dims, x: Tensor, k: Tensor, inv_tau: Tensor):
     def front(t: Tensor, d: int | None) -> Tensor:
         return t.movedim(d, 0) if d is not None else t.expand(info.batch_size, *t.shape)
 
-    x, k, r = (front(t, d) for t, d in zip((x, k, r), in_dims))
-    return _solve_op(x, k, r.expand(*x.shape[:-1], 1)), 0
+    x, k, inv_tau = (front(t, d) for t, d in zip((x, k, inv_tau), in_dims))
+    return _forward_op(x, k, inv_tau), 0
 
 
-torch.library.register_vmap(_solve_op, _solve_vmap)
-
-
-def _scalar_dtype(device: torch.device) -> torch.dtype:
-    return torch.float32 if device.type == "mps" else torch.float64
+torch.library.register_vmap(_forward_op, _forward_vmap)
 
 
 class _SigmoidTopK(torch.autograd.Function):
@@ -215,11 +271,10 @@ class _SigmoidTopK(torch.autograd.Function):
 
     @staticmethod
     def forward(x: Tensor, k: float | Tensor, temperature: float | Tensor) -> Tensor:
-        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         batch = x.shape[:-1]
-        kd = torch.as_tensor(k, dtype=_scalar_dtype(x.device), device=x.device).expand(batch)
-        r = torch.as_tensor(temperature, dtype=dtype, device=x.device).reciprocal().expand(batch).unsqueeze(-1)
-        return (_solve_slices if _inspectable(x) else _solve_op)(x, kd, r)
+        kd = torch.as_tensor(k, dtype=torch.float64, device=x.device).expand(batch)
+        r = torch.as_tensor(temperature, dtype=torch.float64, device=x.device).reciprocal().expand(batch)
+        return call(_forward_op, x, kd, r)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -246,13 +301,14 @@ class _SigmoidTopK(torch.autograd.Function):
         s = a.sum(-1)
         safe = torch.where(s > 0, s, 1)
         grad_tau = None
-        if ctx.tau_is_tensor and ctx.needs_input_grad[2]:
-            xf = torch.where(a > 0, x, 0).to(dtype)  # w = 0 where x = ±inf
-            wx = torch.linalg.vecdot(a, xf)
+        if ctx.tau_is_tensor and ctx.needs_input_grad[2]:  # -Σ w (g - m) (x - x̄) / τ², centred first
+            xc = torch.where(a > 0, x, 0).to(dtype)  # w = 0 where x = ±inf
+            xc = xc.sub_((torch.linalg.vecdot(a, xc) / safe).unsqueeze(-1))
+            residual = torch.linalg.vecdot(a, xc)  # Σ w (x - x̄) / τ, zero up to rounding
         a = torch.mul(a, g, out=out)
         m = a.sum(-1) / safe
         if ctx.tau_is_tensor and ctx.needs_input_grad[2]:
-            grad_tau = ((wx * m - torch.linalg.vecdot(a, xf)) / tau.to(dtype)).to(tau.dtype)
+            grad_tau = ((m * residual - torch.linalg.vecdot(a, xc)) / tau.to(dtype)).to(tau.dtype)
         shift = (-m).unsqueeze(-1) * inv
         a = torch.addcmul(shift, g, inv, out=out) if ctx.tau_is_tensor else torch.add(shift, g, alpha=inv, out=out)
         if out is None:

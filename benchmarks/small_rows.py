@@ -1,0 +1,120 @@
+"""The training-loop table: khot's ops on the rows users call them on, each beside its reference.
+
+Run as ``python benchmarks/small_rows.py [--device cuda] [--repeats N]``. Every row times khot
+and the reference in turn (``khot.bench.measure.interleaved_ms``: medians of interleaved runs,
+so machine noise hits both sides alike) and prints the ratio khot / reference (lower is better):
+
+* ``sigmoid_topk`` forward + backward vs ``softmax`` forward + backward on the same tensor;
+* ``topk_mask`` vs ``torch.topk`` + ``zeros`` + ``scatter`` (a mask by hand);
+* ``nn.TopKRouter`` forward + backward vs a plain softmax, top-k, renormalise router with the
+  same gate;
+* successive halving at batch 1, (k, n) = (32, 1024) vs a per-example loop of the published
+  algorithm (``benchmarks/selection.py``), when that script provides one.
+
+On CUDA it also captures ``sigmoid_topk`` and ``topk_mask`` in a CUDA graph and replays them.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import khot
+from khot.bench.measure import interleaved_ms
+
+
+def _fwd_bwd(fn, x: torch.Tensor, g: torch.Tensor):
+    def run():
+        x.grad = None
+        fn(x).backward(g)
+
+    return run
+
+
+def sigmoid_rows(device: str, repeats: int):
+    cells = [((4096, 64), 2), ((64, 1000), 10), ((1, 1000), 10), ((4, 10**6), 10**5)]
+    for shape, k in cells:
+        x = torch.randn(shape, device=device, requires_grad=True)
+        g = torch.randn(shape, device=device)
+        ref, ours = interleaved_ms([_fwd_bwd(lambda t: t.softmax(-1), x, g), _fwd_bwd(lambda t: khot.sigmoid_topk(t, k), x, g)], repeats)
+        yield f"sigmoid_topk fwd+bwd {shape}, k={k}", ours, "softmax fwd+bwd", ref
+
+
+def mask_rows(device: str, repeats: int):
+    x = torch.randn(4096, 64, device=device)
+
+    def by_hand():
+        return torch.zeros_like(x, dtype=torch.bool).scatter_(-1, x.topk(2, -1).indices, True)
+
+    ref, ours = interleaved_ms([by_hand, lambda: khot.topk_mask(x, 2)], repeats)
+    yield "topk_mask (4096, 64), k=2", ours, "topk + scatter", ref
+
+
+def router_rows(device: str, repeats: int):
+    tokens, d, experts, k = 4096, 256, 64, 2
+    torch.manual_seed(0)
+    router = khot.nn.TopKRouter(d, experts, k).to(device)
+    x = torch.randn(tokens, d, device=device)
+
+    def plain():
+        probs = router.gate(x).softmax(-1)
+        weights, indices = probs.topk(k, -1)
+        weights = weights / weights.sum(-1, keepdim=True)
+        weights.sum().backward()
+        return indices
+
+    def ours():
+        out = router(x)
+        (out.weights.sum() + out.aux_loss).backward()
+
+    ref, t = interleaved_ms([plain, ours], repeats)
+    yield f"TopKRouter fwd+bwd {tokens} tokens, {experts} experts, k={k}", t, "softmax-topk-renormalise", ref
+
+
+def halving_rows(device: str, repeats: int):
+    try:
+        from selection import published_loop  # benchmarks/selection.py, when it provides the reference
+    except ImportError:
+        return
+    x = torch.rand(1, 1024, 32, device=device) * 2 - 1
+    s = torch.rand(1, 1024, device=device)
+    ref, ours = interleaved_ms([lambda: published_loop(x, s, 32), lambda: khot.soft_select(x, s, 32, method="halving")], repeats)
+    yield "halving soft_select batch 1, (k, n) = (32, 1024)", ours, "per-example published loop", ref
+
+
+def cuda_graphs(device: str) -> None:
+    x = torch.randn(4096, 64, device=device)
+    outs = {}
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):  # warm up outside the capture
+            khot.sigmoid_topk(x, 2.0), khot.topk_mask(x, 2)
+    torch.cuda.current_stream().wait_stream(stream)
+    with torch.cuda.graph(graph):
+        outs["sigmoid"], outs["mask"] = khot.sigmoid_topk(x, 2.0), khot.topk_mask(x, 2)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    ok = torch.allclose(outs["sigmoid"], khot.sigmoid_topk(x, 2.0), atol=2e-6) and torch.equal(outs["mask"], khot.topk_mask(x, 2))
+    print(f"CUDA graph capture of sigmoid_topk and topk_mask: {'replays correctly' if ok else 'WRONG RESULTS'}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=31)
+    args = parser.parse_args(argv)
+    print(f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, float32; ratio = khot / reference (medians)\n")
+    print(f"{'call':<58}{'khot ms':>9}   {'reference':<28}{'ms':>8}{'ratio':>8}")
+    for rows in (sigmoid_rows, mask_rows, router_rows, halving_rows):
+        for name, ours, ref_name, ref in rows(args.device, args.repeats):
+            print(f"{name:<58}{ours:9.3f}   {ref_name:<28}{ref:8.3f}{ours / ref:8.2f}")
+    if args.device.startswith("cuda"):
+        cuda_graphs(args.device)
+
+
+if __name__ == "__main__":
+    main()
