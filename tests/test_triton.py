@@ -173,11 +173,11 @@ def test_sigmoid_forward(sigmoid_kernels, monkeypatch, block, spread_below_rows,
     x = torch.randn(3, 40, generator=g)
     x[1, 5], x[1, 7] = float("inf"), -float("inf")
     k = torch.tensor([0.5, 6.0, 39.0])
-    if block == 16:
-        x[2, 3] = float("nan")  # a NaN row: NaN where x is NaN, as on the CPU
-        got, want = _both(khot.sigmoid_topk, x, k)
-        assert torch.equal(got.isnan(), want.isnan()) and (got[:2] - want[:2]).abs().max() <= 2e-6
-        x = x.nan_to_num(0.0, float("inf"), -float("inf"))
+    x[2, 3] = float("nan")  # a NaN makes its row NaN, as on the CPU
+    got, want = _both(khot.sigmoid_topk, x, k)
+    assert got[2].isnan().all() and not got[:2].isnan().any() and (got[:2] - want[:2]).abs().max() <= 2e-6
+    assert want[2].isnan().all()
+    x = x.nan_to_num(0.0, float("inf"), -float("inf"))
     cases = [(torch.float32, 2e-6), (torch.float64, 1e-9)]
     for dtype, tol in cases if block > 16 else cases[:1]:  # the interpreter is slow
         for tau in (1.0, 0.05) if block > 16 else (0.05,):

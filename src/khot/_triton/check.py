@@ -10,6 +10,7 @@ target (``sm_90``) and reports those that fail. Run it with ``TRITON_INTERPRET``
 
 from __future__ import annotations
 
+import math
 import sys
 
 import triton
@@ -39,16 +40,17 @@ def variants():
             out.append((f"exact chunk {dtype} pass {p}", exact._chunk_pass, types, ce))
     for dtype in ("fp32", "bf16", "fp64"):
         for one in (True, False):
-            ce = dict(TOL_W=4e-6, TOL_K=0.0, F64=dtype == "fp64", BLOCK=sigmoid.BLOCK, ONE_BLOCK=one, NEWTON=12, EVALUATIONS=77)
+            ce = dict(TOL_W=4e-6, TOL_K=math.inf, F64=dtype == "fp64", BLOCK=sigmoid.BLOCK, ONE_BLOCK=one, NEWTON=12, EVALUATIONS=78)
             types = ["*" + dtype, "*fp64", "*fp64", "*" + dtype, "i32", "i64", "i64"]
             out.append((f"sigmoid {dtype} one block={one}", sigmoid._forward_kernel, types, ce))
-        x, solver, layout = "*" + dtype, dict(TOL_W=4e-6, TOL_K=0.0, NEWTON=12, EVALUATIONS=77), dict(F64=dtype == "fp64", BLOCK=sigmoid.BLOCK)
+        x, layout = "*" + dtype, dict(F64=dtype == "fp64", BLOCK=sigmoid.BLOCK)
+        steps = dict(TOL_W=4e-6, NEWTON=12, EVALUATIONS=78)
         out += [
             (f"sigmoid spread stats {dtype}", sigmoid._stats_pass, [x, "*fp64", "*i64", "i32", "i64", "i64"], layout),
-            (f"sigmoid spread start {dtype}", sigmoid._start_kernel, ["*fp64", "*fp64", "*fp64", "*i64", "*fp64", "i32"], dict(TOL_K=0.0)),
+            (f"sigmoid spread start {dtype}", sigmoid._start_kernel, ["*fp64", "*fp64", "*fp64", "*i64", "*fp64", "i32"], dict(TOL_K=math.inf)),
             (f"sigmoid spread evaluation {dtype}", sigmoid._eval_pass, [x, "*fp64", "*fp64", "*fp64", "i32", "i64", "i64"], layout),
-            (f"sigmoid spread update {dtype}", sigmoid._update_kernel, ["*fp64", "*fp64", "*fp64", "*fp64", "i32"], solver),
-            (f"sigmoid spread finish {dtype}", sigmoid._finish_kernel, [x, "*fp64", "*fp64", "*fp64", "i32", "i64", "i64"], solver | layout),
+            (f"sigmoid spread update {dtype}", sigmoid._update_kernel, ["*fp64", "*fp64", "*fp64"], steps),
+            (f"sigmoid spread finish {dtype}", sigmoid._finish_kernel, [x, "*fp64", "*fp64", "i32", "i64", "i64"], steps | layout),
             (f"sigmoid spread write {dtype}", sigmoid._write_pass, [x, "*fp64", "*fp64", "*fp64", x, "i32", "i64", "i64"], layout),
         ]
     for dtype, compute in (("fp32", tl.float32), ("bf16", tl.float32), ("fp64", tl.float64)):

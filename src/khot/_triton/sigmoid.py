@@ -5,18 +5,23 @@ The op ``khot::sigmoid_topk_forward(x, k, inv_tau)`` (see :mod:`khot.relaxed.sig
 ``Σ p = k``. It runs the same safeguarded solver as the CPU path, with the same stopping rule
 and accuracy, but each row stops on its own (no host synchronisation):
 
-* one pass for the start and the bracket: ``Σ x``, ``Σ x²``, ``min x`` and ``max x`` (float64);
-  the probit start ``t = x̄ - logit(k / n) sqrt(1 + π s² r² / 8) / r`` and the bracket
-  ``[min x, max x] - logit(k / n) / r``;
+* one pass for the start and the bracket: ``Σ x``, ``Σ x²``, ``min x``, ``max x`` (float64) and
+  the NaN count (a NaN makes the row NaN, as on the CPU); the probit start
+  ``t = x̄ - logit(k / n) sqrt(1 + π s² r² / 8) / r`` and the bracket
+  ``[min x, max x] - logit(k / n) / r``. As on the CPU, ``k > n / 2`` is solved as ``n - k`` for
+  ``-x`` (then ``p = 1 - p``), so the sums stay small;
 * then per evaluation one pass for ``f = Σ p`` and ``w = Σ p (1 - p)``, summed in float64 (float32
   inputs are evaluated as ``((x - t_hi) - t_lo) r`` with ``t = t_hi + t_lo`` split into a
   float32 head and tail, as on the CPU); a Newton step in ``u = e^{-t r}`` taken when it stays
   inside the bracket and is at most half the previous one (at most ``NEWTON``), else a bisection
   of the bracket on the bit pattern of its float64 ends; the row is done when
-  ``|f - k| <= tol_w w + tol_k max(1, k)`` or its bracket holds adjacent doubles;
+  ``|f - k| <= min(tol_w w, tol_k max(1, k))`` (float32: ``4e-6 w``; float64: ``1e-10`` and
+  ``5e-10``), or, once its bracket holds adjacent doubles, after evaluating the end whose sum
+  is closer to ``k``;
 * a last pass writes ``p`` once.
 
-That is at most ``1 + NEWTON + 64`` evaluations (typically 2-3); a row that has not stopped by
+That is at most ``2 + NEWTON + 64`` evaluations (typically 2-3; the CPU path adds Halley
+steps near the root, which only save evaluations); a row that has not stopped by
 then (it cannot happen) is written as NaN rather than returned unconverged. Rows of up to
 ``BLOCK`` elements take one program each, loaded once and held in registers. Longer rows, when
 there are fewer than ``SPREAD_BELOW_ROWS`` of them (one program per row would leave most of the
@@ -28,6 +33,8 @@ Many long rows take one program each, read block by block on every pass.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -76,64 +83,88 @@ def _key(t):
 
 
 @triton.jit
-def _setup(k, r, nf, total, squares, low, high, TOL_K: tl.constexpr):
-    """From a row's ``Σ x``, ``Σ x²``, ``min x`` and ``max x``: the target count (``n / 2`` where
-    ``k`` is 0 or ``n``, which are written exactly), the start ``t``, the bracket and the tolerance."""
-    target = tl.where((k <= 0) | (k >= nf), nf / 2, k)
+def _setup(k, r, nf, total, squares, low, high, nans, TOL_K: tl.constexpr):
+    """From a row's ``Σ x``, ``Σ x²``, ``min x``, ``max x`` and NaN count: ``(target, sign, t, lo,
+    hi, tol, nan)``. ``k > n / 2`` is solved as ``n - k`` for ``u = -x`` (``sign = -1``; then
+    ``p = 1 - p_u``), so the sums stay small; ``k`` = 0 or ``n`` (written exactly) solves ``n / 2``;
+    ``t``, ``lo`` and ``hi`` are in ``u``; a row with a NaN gets ``t = NaN`` (all its ``p`` NaN)."""
+    flip = k > nf / 2
+    target = tl.where((k <= 0) | (k >= nf), nf / 2, tl.where(flip, nf - k, k))
+    sign = tl.where(flip, -1.0, 1.0)
+    low, high = tl.where(flip, -high, low), tl.where(flip, -low, high)
     logit = tl.log(target / (nf - target))
-    mean = total / nf
+    mean = sign * total / nf
     spread = tl.sqrt(1.0 + tl.maximum(squares / nf - mean * mean, 0.0) * r * r * _PI_8)
     t = mean - logit * spread / r
-    t = tl.where(tl.abs(t) <= _MAX, t, 0.0)  # ±inf or NaN in the row
+    t = tl.where(tl.abs(t) <= _MAX, t, 0.0)  # ±inf in the row
     lo = tl.maximum(low - logit / r, -_MAX)
     hi = tl.minimum(high - logit / r, _MAX)
-    lo = tl.where(lo == lo, lo, -_MAX)
-    hi = tl.where(hi == hi, hi, _MAX)
-    return target, t, lo, hi, TOL_K * tl.maximum(target, 1.0)
+    nan = nans > 0
+    t = tl.where(nan, float("nan"), t)
+    return target, sign, t, lo, hi, TOL_K * tl.maximum(target, 1.0), nan
 
 
 @triton.jit
-def _step(f, w, t, lo, hi, previous, newton, evaluation, target, tol, r,
+def _step(f, w, t, lo, hi, f_lo, f_hi, previous, newton, evaluation, final, target, tol, r,
           TOL_W: tl.constexpr, NEWTON: tl.constexpr, EVALUATIONS: tl.constexpr):  # fmt: skip
     """One solver step from the sums ``f = Σ p`` and ``w = Σ p (1 - p)`` at ``t``: the new state
-    ``(t, lo, hi, previous, newton, evaluation, stopped, going)``."""
+    ``(t, lo, hi, f_lo, f_hi, previous, newton, evaluation, final, going)``. Done when
+    ``|f - k| <= min(TOL_W w, tol)``; a bracket of adjacent doubles moves ``t`` to the end whose
+    sum is closer (``final``), done after that evaluation."""
     gap = target - f
-    hi = tl.where(gap > 0, t, hi)  # f decreases in t
-    lo = tl.where(gap < 0, t, lo)
-    done = ~(tl.abs(gap) > TOL_W * w + tol)  # NaN rows are done
-    # Newton in u = exp(-t r): a step log1p(|gap| / w) in -t r, never past the root
+    done = final | ~((tl.abs(gap) > TOL_W * w) | (tl.abs(gap) > tol))  # NaN rows are done
+    hi, f_hi = tl.where(gap > 0, t, hi), tl.where(gap > 0, f, f_hi)  # f decreases in t
+    lo, f_lo = tl.where(gap < 0, t, lo), tl.where(gap < 0, f, f_lo)
+    # Newton in v = exp(-t r): a step log1p(|gap| / w) in -t r, never past the root
     step = -tl.where(gap > 0, 1.0, -1.0) * tl.log(1.0 + tl.abs(gap) / w) / r
     new = t + step
     good = (new > lo) & (new < hi) & (tl.abs(step) <= previous / 2) & (newton < NEWTON)
     a = _key(lo)
     b = _key(hi)
     middle = (a >> 1) + (b >> 1) + (a & b & 1)  # floor of the mean, without overflow
-    adjacent = (middle == a) | (middle == b)
-    mid = _key(middle).to(tl.float64, bitcast=True)
+    settle = ((middle == a) | (middle == b)) & ~good
+    better = tl.where(tl.abs(f_lo - target) <= tl.abs(f_hi - target), lo, hi)
     evaluation += 1
-    stopped = done | adjacent
-    going = ~stopped & (evaluation < EVALUATIONS)
+    going = ~done & (evaluation < EVALUATIONS)
     move = going & good
-    t = tl.where(going, tl.where(good, new, mid), t)
+    t = tl.where(going, tl.where(good, new, tl.where(settle, better, _key(middle).to(tl.float64, bitcast=True))), t)
+    final = final | (going & settle)
     previous = tl.where(move, tl.abs(step), float("inf"))
     newton += move.to(tl.int32)
-    return t, lo, hi, previous, newton, evaluation, stopped, going
+    return t, lo, hi, f_lo, f_hi, previous, newton, evaluation, final, going
 
 
 @triton.jit
-def _block_sums(xs, valid, t, r, F64: tl.constexpr):
-    p = tl.where(valid, _p(xs, t, r, F64), 0.0).to(tl.float64)
+def _block_sums(xs, valid, t, r, sign, F64: tl.constexpr):
+    p = tl.where(valid, _p(xs * sign.to(xs.dtype), t, r, F64), 0.0).to(tl.float64)
     return tl.sum(p, 0), tl.sum(p * (1.0 - p), 0)
 
 
 @triton.jit
-def _store_p(xs, cols, valid, t, r, k, nf, stopped, out_row, F64: tl.constexpr):
-    """Write ``p`` of one block (``k / n`` where ``k`` is 0 or ``n``; NaN if the row never stopped:
-    that cannot happen, the bisection alone ends within 64 evaluations)."""
-    p = _p(xs, t, r, F64)
+def _store_p(xs, cols, valid, t, r, sign, k, nf, going, out_row, F64: tl.constexpr):
+    """Write ``p`` of one block: ``k / n`` where ``k`` is 0 or ``n``, else NaN where the row holds a
+    NaN (``t`` is NaN) or is still going (that cannot happen: the bisection alone ends within 64
+    evaluations)."""
+    p = _p(xs * sign.to(xs.dtype), t, r, F64)
+    p = tl.where(sign < 0, 1.0 - p, p)
     p = tl.where((k <= 0) | (k >= nf), (k / nf).to(p.dtype), p)
-    p = tl.where(stopped, p, float("nan"))
+    p = tl.where(going | (t != t), float("nan"), p)  # a NaN t (the row holds a NaN) survives _p's clamps here
     tl.store(out_row + cols, p.to(out_row.dtype.element_ty), mask=valid)
+
+
+@triton.jit
+def _block_stats(xs, valid):
+    """``Σ x``, ``Σ x²``, ``min x``, ``max x`` (float64) and the NaN count of one block."""
+    x = xs.to(tl.float64)
+    nans = tl.sum((valid & (x != x)).to(tl.int32), 0)
+    x = tl.where(x == x, x, 0.0)
+    return (
+        tl.sum(tl.where(valid, x, 0.0), 0),
+        tl.sum(tl.where(valid, x * x, 0.0), 0),
+        tl.min(tl.where(valid, x, float("inf")), 0),
+        tl.max(tl.where(valid, x, -float("inf")), 0),
+        nans,
+    )
 
 
 @triton.jit
@@ -152,52 +183,85 @@ def _forward_kernel(
     squares = tl.zeros((), dtype=tl.float64)
     low = tl.full((), float("inf"), tl.float64)
     high = tl.full((), -float("inf"), tl.float64)
+    nans = tl.zeros((), dtype=tl.int32)
     if ONE_BLOCK:
         xs, cols, valid = _load(x_row, 0, n, stride_col, F64, BLOCK)
     for start in range(0, n, BLOCK):
         if not ONE_BLOCK:
             xs, cols, valid = _load(x_row, start, n, stride_col, F64, BLOCK)
-        x = xs.to(tl.float64)
-        total += tl.sum(tl.where(valid, x, 0.0), 0)
-        squares += tl.sum(tl.where(valid, x * x, 0.0), 0)
-        low = tl.minimum(low, tl.min(tl.where(valid, x, float("inf")), 0))
-        high = tl.maximum(high, tl.max(tl.where(valid, x, -float("inf")), 0))
-    target, t, lo, hi, tol = _setup(k, r, nf, total, squares, low, high, TOL_K)
+        d_total, d_squares, d_low, d_high, d_nans = _block_stats(xs, valid)
+        total += d_total
+        squares += d_squares
+        low = tl.minimum(low, d_low)
+        high = tl.maximum(high, d_high)
+        nans += d_nans
+    target, sign, t, lo, hi, tol, nan = _setup(k, r, nf, total, squares, low, high, nans, TOL_K)
+    f_lo = tl.full((), float("inf"), tl.float64)
+    f_hi = tl.full((), float("inf"), tl.float64)
     previous = tl.full((), float("inf"), tl.float64)
     newton = tl.zeros((), dtype=tl.int32)
     evaluation = tl.zeros((), dtype=tl.int32)
-    going = tl.full((), True, tl.int1)
-    stopped = tl.full((), False, tl.int1)
+    final = tl.full((), False, tl.int1)
+    going = ~nan
     while going:
         f = tl.zeros((), dtype=tl.float64)
         w = tl.zeros((), dtype=tl.float64)
         for start in range(0, n, BLOCK):
             if not ONE_BLOCK:
                 xs, cols, valid = _load(x_row, start, n, stride_col, F64, BLOCK)
-            df, dw = _block_sums(xs, valid, t, r, F64)
+            df, dw = _block_sums(xs, valid, t, r, sign, F64)
             f += df
             w += dw
-        t, lo, hi, previous, newton, evaluation, stopped, going = _step(
-            f, w, t, lo, hi, previous, newton, evaluation, target, tol, r, TOL_W, NEWTON, EVALUATIONS
+        t, lo, hi, f_lo, f_hi, previous, newton, evaluation, final, going = _step(
+            f, w, t, lo, hi, f_lo, f_hi, previous, newton, evaluation, final, target, tol, r, TOL_W, NEWTON, EVALUATIONS
         )
     for start in range(0, n, BLOCK):
         if not ONE_BLOCK:
             xs, cols, valid = _load(x_row, start, n, stride_col, F64, BLOCK)
-        _store_p(xs, cols, valid, t, r, k, nf, stopped, out_ptr + row * n, F64)
+        _store_p(xs, cols, valid, t, r, sign, k, nf, going, out_ptr + row * n, F64)
 
 
 # Long rows, few of them: every pass spread over (rows, blocks) programs. The per-row state lives
-# in a float64 table: t, lo, hi, previous, newton, evaluation, stopped, going.
+# in a float64 table (_STATE columns): t, lo, hi, f_lo, f_hi, previous, newton, evaluation,
+# final, going, and the row's target, sign and tolerance.
+_STATE = tl.constexpr(16)
+
+
 @triton.jit
 def _stats_pass(x_ptr, acc_ptr, keys_ptr, n, stride_row, stride_col, F64: tl.constexpr, BLOCK: tl.constexpr):
-    """Add a block's ``Σ x`` and ``Σ x²`` to its row's; fold in its min and max (as int64 keys)."""
+    """Add a block's ``Σ x``, ``Σ x²`` and NaN count to its row's; fold in its min and max (as int64 keys)."""
     row, block = tl.program_id(0).to(tl.int64), tl.program_id(1)
     xs, cols, valid = _load(x_ptr + row * stride_row, block * BLOCK, n, stride_col, F64, BLOCK)
-    x = xs.to(tl.float64)
-    tl.atomic_add(acc_ptr + row * 2, tl.sum(tl.where(valid, x, 0.0), 0), sem="relaxed")
-    tl.atomic_add(acc_ptr + row * 2 + 1, tl.sum(tl.where(valid, x * x, 0.0), 0), sem="relaxed")
-    tl.atomic_min(keys_ptr + row * 2, _key(tl.min(tl.where(valid, x, float("inf")), 0)), sem="relaxed")
-    tl.atomic_max(keys_ptr + row * 2 + 1, _key(tl.max(tl.where(valid, x, -float("inf")), 0)), sem="relaxed")
+    total, squares, low, high, nans = _block_stats(xs, valid)
+    tl.atomic_add(acc_ptr + row * 3, total, sem="relaxed")
+    tl.atomic_add(acc_ptr + row * 3 + 1, squares, sem="relaxed")
+    tl.atomic_add(acc_ptr + row * 3 + 2, nans.to(tl.float64), sem="relaxed")
+    tl.atomic_min(keys_ptr + row * 2, _key(low), sem="relaxed")
+    tl.atomic_max(keys_ptr + row * 2 + 1, _key(high), sem="relaxed")
+
+
+@triton.jit
+def _save_state(state_ptr, row, t, lo, hi, f_lo, f_hi, previous, newton, evaluation, final, going):
+    state = state_ptr + row * _STATE
+    tl.store(state, t)
+    tl.store(state + 1, lo)
+    tl.store(state + 2, hi)
+    tl.store(state + 3, f_lo)
+    tl.store(state + 4, f_hi)
+    tl.store(state + 5, previous)
+    tl.store(state + 6, newton.to(tl.float64))
+    tl.store(state + 7, evaluation.to(tl.float64))
+    tl.store(state + 8, final.to(tl.float64))
+    tl.store(state + 9, going.to(tl.float64))
+
+
+@triton.jit
+def _load_state(state_ptr, row):
+    state = state_ptr + row * _STATE
+    t, lo, hi = tl.load(state), tl.load(state + 1), tl.load(state + 2)
+    f_lo, f_hi, previous = tl.load(state + 3), tl.load(state + 4), tl.load(state + 5)
+    newton, evaluation = tl.load(state + 6).to(tl.int32), tl.load(state + 7).to(tl.int32)
+    return t, lo, hi, f_lo, f_hi, previous, newton, evaluation, tl.load(state + 8) != 0, tl.load(state + 9) != 0
 
 
 @triton.jit
@@ -205,103 +269,78 @@ def _start_kernel(k_ptr, r_ptr, acc_ptr, keys_ptr, state_ptr, n, TOL_K: tl.const
     row = tl.program_id(0).to(tl.int64)
     low = _key(tl.load(keys_ptr + row * 2)).to(tl.float64, bitcast=True)
     high = _key(tl.load(keys_ptr + row * 2 + 1)).to(tl.float64, bitcast=True)
-    nf = tl.cast(n, tl.float64)
-    k, r = tl.load(k_ptr + row), tl.load(r_ptr + row)
-    _, t, lo, hi, _ = _setup(k, r, nf, tl.load(acc_ptr + row * 2), tl.load(acc_ptr + row * 2 + 1), low, high, TOL_K)
-    state = state_ptr + row * 8
-    tl.store(state, t)
-    tl.store(state + 1, lo)
-    tl.store(state + 2, hi)
-    tl.store(state + 3, float("inf"))
-    tl.store(state + 4, 0.0)
-    tl.store(state + 5, 0.0)
-    tl.store(state + 6, 0.0)
-    tl.store(state + 7, 1.0)
+    acc = acc_ptr + row * 3
+    target, sign, t, lo, hi, tol, nan = _setup(
+        tl.load(k_ptr + row), tl.load(r_ptr + row), tl.cast(n, tl.float64), tl.load(acc), tl.load(acc + 1), low, high, tl.load(acc + 2), TOL_K
+    )
+    inf = tl.full((), float("inf"), tl.float64)
+    zero = tl.zeros((), dtype=tl.int32)
+    _save_state(state_ptr, row, t, lo, hi, inf, inf, inf, zero, zero, tl.full((), False, tl.int1), ~nan)
+    state = state_ptr + row * _STATE
+    tl.store(state + 10, target)
+    tl.store(state + 11, sign)
+    tl.store(state + 12, tol)
 
 
 @triton.jit
 def _eval_pass(x_ptr, r_ptr, state_ptr, sums_ptr, n, stride_row, stride_col, F64: tl.constexpr, BLOCK: tl.constexpr):
     """Add a block's ``Σ p`` and ``Σ p (1 - p)`` at its row's ``t`` to the row's sums (rows still going)."""
     row, block = tl.program_id(0).to(tl.int64), tl.program_id(1)
-    if tl.load(state_ptr + row * 8 + 7) != 0:
+    state = state_ptr + row * _STATE
+    if tl.load(state + 9) != 0:
         xs, cols, valid = _load(x_ptr + row * stride_row, block * BLOCK, n, stride_col, F64, BLOCK)
-        f, w = _block_sums(xs, valid, tl.load(state_ptr + row * 8), tl.load(r_ptr + row), F64)
+        f, w = _block_sums(xs, valid, tl.load(state), tl.load(r_ptr + row), tl.load(state + 11), F64)
         tl.atomic_add(sums_ptr + row * 2, f, sem="relaxed")
         tl.atomic_add(sums_ptr + row * 2 + 1, w, sem="relaxed")
 
 
 @triton.jit
-def _load_state(state_ptr, row):
-    state = state_ptr + row * 8
-    t, lo, hi, previous = tl.load(state), tl.load(state + 1), tl.load(state + 2), tl.load(state + 3)
-    newton, evaluation = tl.load(state + 4).to(tl.int32), tl.load(state + 5).to(tl.int32)
-    return t, lo, hi, previous, newton, evaluation, tl.load(state + 6) != 0, tl.load(state + 7) != 0
-
-
-@triton.jit
-def _save_state(state_ptr, row, t, lo, hi, previous, newton, evaluation, stopped, going):
-    state = state_ptr + row * 8
-    tl.store(state, t)
-    tl.store(state + 1, lo)
-    tl.store(state + 2, hi)
-    tl.store(state + 3, previous)
-    tl.store(state + 4, newton.to(tl.float64))
-    tl.store(state + 5, evaluation.to(tl.float64))
-    tl.store(state + 6, stopped.to(tl.float64))
-    tl.store(state + 7, going.to(tl.float64))
-
-
-@triton.jit
-def _update_kernel(k_ptr, r_ptr, state_ptr, sums_ptr, n,
-                   TOL_W: tl.constexpr, TOL_K: tl.constexpr, NEWTON: tl.constexpr, EVALUATIONS: tl.constexpr):  # fmt: skip
+def _update_kernel(r_ptr, state_ptr, sums_ptr, TOL_W: tl.constexpr, NEWTON: tl.constexpr, EVALUATIONS: tl.constexpr):
     """One solver step per row still going, from the sums of :func:`_eval_pass`."""
     row = tl.program_id(0).to(tl.int64)
-    t, lo, hi, previous, newton, evaluation, stopped, going = _load_state(state_ptr, row)
+    t, lo, hi, f_lo, f_hi, previous, newton, evaluation, final, going = _load_state(state_ptr, row)
     if going:
-        nf = tl.cast(n, tl.float64)
-        k = tl.load(k_ptr + row)
-        target = tl.where((k <= 0) | (k >= nf), nf / 2, k)
-        f, w = tl.load(sums_ptr + row * 2), tl.load(sums_ptr + row * 2 + 1)
-        t, lo, hi, previous, newton, evaluation, stopped, going = _step(
-            f, w, t, lo, hi, previous, newton, evaluation, target, TOL_K * tl.maximum(target, 1.0), tl.load(r_ptr + row), TOL_W, NEWTON, EVALUATIONS
-        )
-        _save_state(state_ptr, row, t, lo, hi, previous, newton, evaluation, stopped, going)
+        state = state_ptr + row * _STATE
+        t, lo, hi, f_lo, f_hi, previous, newton, evaluation, final, going = _step(
+            tl.load(sums_ptr + row * 2), tl.load(sums_ptr + row * 2 + 1), t, lo, hi, f_lo, f_hi, previous, newton,
+            evaluation, final, tl.load(state + 10), tl.load(state + 12), tl.load(r_ptr + row), TOL_W, NEWTON, EVALUATIONS,
+        )  # fmt: skip
+        _save_state(state_ptr, row, t, lo, hi, f_lo, f_hi, previous, newton, evaluation, final, going)
 
 
 @triton.jit
 def _finish_kernel(
-    x_ptr, k_ptr, r_ptr, state_ptr, n, stride_row, stride_col,
-    TOL_W: tl.constexpr, TOL_K: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr, NEWTON: tl.constexpr, EVALUATIONS: tl.constexpr,
+    x_ptr, r_ptr, state_ptr, n, stride_row, stride_col,
+    TOL_W: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr, NEWTON: tl.constexpr, EVALUATIONS: tl.constexpr,
 ):  # fmt: skip
     """The rare rows still going after the spread-out rounds: one program each solves to the end."""
     row = tl.program_id(0).to(tl.int64)
-    t, lo, hi, previous, newton, evaluation, stopped, going = _load_state(state_ptr, row)
+    t, lo, hi, f_lo, f_hi, previous, newton, evaluation, final, going = _load_state(state_ptr, row)
     if going:
-        nf = tl.cast(n, tl.float64)
-        k, r = tl.load(k_ptr + row), tl.load(r_ptr + row)
-        target = tl.where((k <= 0) | (k >= nf), nf / 2, k)
-        tol = TOL_K * tl.maximum(target, 1.0)
+        state = state_ptr + row * _STATE
+        target, sign, tol, r = tl.load(state + 10), tl.load(state + 11), tl.load(state + 12), tl.load(r_ptr + row)
         while going:
             f = tl.zeros((), dtype=tl.float64)
             w = tl.zeros((), dtype=tl.float64)
             for start in range(0, n, BLOCK):
                 xs, cols, valid = _load(x_ptr + row * stride_row, start, n, stride_col, F64, BLOCK)
-                df, dw = _block_sums(xs, valid, t, r, F64)
+                df, dw = _block_sums(xs, valid, t, r, sign, F64)
                 f += df
                 w += dw
-            t, lo, hi, previous, newton, evaluation, stopped, going = _step(
-                f, w, t, lo, hi, previous, newton, evaluation, target, tol, r, TOL_W, NEWTON, EVALUATIONS
+            t, lo, hi, f_lo, f_hi, previous, newton, evaluation, final, going = _step(
+                f, w, t, lo, hi, f_lo, f_hi, previous, newton, evaluation, final, target, tol, r, TOL_W, NEWTON, EVALUATIONS
             )
-        _save_state(state_ptr, row, t, lo, hi, previous, newton, evaluation, stopped, going)
+        _save_state(state_ptr, row, t, lo, hi, f_lo, f_hi, previous, newton, evaluation, final, going)
 
 
 @triton.jit
 def _write_pass(x_ptr, k_ptr, r_ptr, state_ptr, out_ptr, n, stride_row, stride_col, F64: tl.constexpr, BLOCK: tl.constexpr):
     row, block = tl.program_id(0).to(tl.int64), tl.program_id(1)
     xs, cols, valid = _load(x_ptr + row * stride_row, block * BLOCK, n, stride_col, F64, BLOCK)
-    t, stopped = tl.load(state_ptr + row * 8), tl.load(state_ptr + row * 8 + 6) != 0
+    state = state_ptr + row * _STATE
+    t, going, sign = tl.load(state), tl.load(state + 9) != 0, tl.load(state + 11)
     nf = tl.cast(n, tl.float64)
-    _store_p(xs, cols, valid, t, tl.load(r_ptr + row), tl.load(k_ptr + row), nf, stopped, out_ptr + row * n, F64)
+    _store_p(xs, cols, valid, t, tl.load(r_ptr + row), sign, tl.load(k_ptr + row), nf, going, out_ptr + row * n, F64)
 
 
 def sigmoid_topk_forward(x: Tensor, k: Tensor, inv_tau: Tensor) -> Tensor:
@@ -317,9 +356,9 @@ def sigmoid_topk_forward(x: Tensor, k: Tensor, inv_tau: Tensor) -> Tensor:
     k = k.to(torch.float64).reshape(rows).contiguous()
     r = inv_tau.to(torch.float64).reshape(rows).contiguous()
     f64 = x.dtype == torch.float64
-    tol_w, tol_k = (0.0, 5e-10) if f64 else (4e-6, 0.0)
+    tol_w, tol_k = (1e-10, 5e-10) if f64 else (4e-6, math.inf)
     block = min(BLOCK, triton.next_power_of_2(n))
-    solver = dict(TOL_W=tol_w, TOL_K=tol_k, NEWTON=NEWTON, EVALUATIONS=1 + NEWTON + 64)
+    solver = dict(TOL_W=tol_w, TOL_K=tol_k, NEWTON=NEWTON, EVALUATIONS=2 + NEWTON + 64)
     layout = dict(F64=f64, BLOCK=block, num_warps=4 if block <= 1024 else 8)
     strides = (x2.stride(0), x2.stride(1))
     if n <= block or rows >= SPREAD_BELOW_ROWS:
@@ -339,16 +378,17 @@ def _spread(x2, k, r, out, n, strides, solver, layout) -> None:
     rows = x2.shape[0]
     grid = (rows, triton.cdiv(n, layout["BLOCK"]))
     device = x2.device
-    acc = torch.zeros((rows, 2), dtype=torch.float64, device=device)
+    acc = torch.zeros((rows, 3), dtype=torch.float64, device=device)
     keys = torch.tensor([[2**63 - 1, -(2**63)]], dtype=torch.int64, device=device).repeat(rows, 1)
-    state = torch.empty((rows, 8), dtype=torch.float64, device=device)
+    state = torch.empty((rows, _STATE.value), dtype=torch.float64, device=device)
     sums = torch.zeros((SPREAD_ROUNDS, rows, 2), dtype=torch.float64, device=device)
+    steps = dict(TOL_W=solver["TOL_W"], NEWTON=solver["NEWTON"], EVALUATIONS=solver["EVALUATIONS"])
     _stats_pass[grid](x2, acc, keys, n, *strides, **layout)
     _start_kernel[(rows,)](k, r, acc, keys, state, n, TOL_K=solver["TOL_K"])
     for round in range(SPREAD_ROUNDS):
         _eval_pass[grid](x2, r, state, sums[round], n, *strides, **layout)
-        _update_kernel[(rows,)](k, r, state, sums[round], n, **solver)
-    _finish_kernel[(rows,)](x2, k, r, state, n, *strides, **solver, **layout)
+        _update_kernel[(rows,)](r, state, sums[round], **steps)
+    _finish_kernel[(rows,)](x2, r, state, n, *strides, **steps, **layout)
     _write_pass[grid](x2, k, r, state, out, n, *strides, **layout)
 
 
