@@ -23,8 +23,9 @@ rounds depends on the data): they are not meant for ``torch.compile`` or meta te
 
 Ranking rules are those of :func:`khot.topk_mask` on the concatenated tensor: among equal
 values the lower *global* index wins, and NaN ranks above ``+inf``. The local selection is
-:func:`khot.topk_mask`; the merge sorts the gathered candidates, listed in increasing global
-index, with a stable sort by value (so equal values keep the lower index first).
+:func:`khot.select_topk` (:func:`khot.topk_mask` for the smallest); the merge sorts the
+gathered candidates, listed in increasing global index, with a stable sort by value (so equal
+values keep the lower index first).
 
 Example (a single-process group, so that it runs anywhere; with more ranks each passes its
 own shard and gets the same replicated answer):
@@ -249,8 +250,8 @@ def _candidates(shard: _Shard, k: int, largest: bool, extra: Tensor | None = Non
     """The global top ``k`` of every row, sorted (ties: lower global index first), replicated
     on every rank: ``(values, indices)`` of shape ``(rows, k)``, and ``extra`` of group rank 0.
 
-    One all-gather: every rank sends its local top ``min(k, n_r)`` (by :func:`khot.topk_mask`,
-    so ties and NaN follow khot's rules), values and global indices in one byte buffer (with
+    One all-gather: every rank sends its local top ``min(k, n_r)`` (by :func:`khot.select_topk`
+    or :func:`khot.topk_mask`, so ties and NaN follow khot's rules), values and global indices in one byte buffer (with
     ``extra``, a per-row float64, riding along); the merge is a stable sort of the candidates
     listed in increasing global index.
     """
@@ -258,7 +259,10 @@ def _candidates(shard: _Shard, k: int, largest: bool, extra: Tensor | None = Non
     x = shard.local.reshape(rows, shard.local.shape[-1])
     width = min(k, max(shard.lengths))  # what every rank sends (the shorter ones pad)
     mine = min(k, x.shape[-1])
-    position = khot.topk_mask(x, mine, -1, largest=largest).nonzero()[:, -1].view(rows, mine)
+    if largest:  # select_topk reads the indices off its candidates, without a mask of x's size
+        position = khot.select_topk(x.detach().unsqueeze(-1), x.detach(), mine, sorted=False)[1]
+    else:
+        position = khot.topk_mask(x, mine, -1, largest=False).nonzero()[:, -1].view(rows, mine)
     values = x.gather(-1, position)
     index = position + shard.offset
     if mine < width:
