@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import socket
+import time
 
 import torch
 import torch.distributed as dist
@@ -82,8 +83,11 @@ def _rank(rank: int, world: int, port: int, args, queue) -> None:
         fns = {"khot sharded_topk": ours, "khot sharded_sample": sample, "barrier only": lambda: None, "all-gather + topk": gather_then_topk}
         sent = {name: _bytes_sent(fn) for name, fn in fns.items()}
         # every timed call starts with a barrier, so that no call is charged for the other ranks
-        # still finishing the previous one (the barrier's own time is the "barrier only" row)
-        times = interleaved_ms([lambda fn=fn: (dist.barrier(), fn()) for fn in fns.values()], repeats=args.repeats, warmup=2)
+        # still finishing the previous one (the barrier's own time is the "barrier only" row); each
+        # round starts with a pause (timed, not shown): on a loaded machine the first call after
+        # the CPU-heavy baseline otherwise waits for the scheduler
+        timed = [lambda: time.sleep(0.05)] + [lambda fn=fn: (dist.barrier(), fn()) for fn in fns.values()]
+        times = interleaved_ms(timed, repeats=args.repeats, warmup=2)[1:]
         if rank == 0:
             queue.put([(name, sent[name], ms) for name, ms in zip(fns, times)])
     finally:
