@@ -2,8 +2,8 @@
 
     python benchmarks/selection.py [--full | --quick]
 
-1. Successive halving, batch 16, n = 16384, k = 2048, d = 32: ``halving_select``
-   against the published algorithm (n / k a power of two) run two ways: as the
+1. Successive halving, batch 16, n = 16384, k = 2048, d = 32, and batch 1, n = 1024,
+   k = 32: ``halving_select`` against the published algorithm (n / k a power of two) run two ways: as the
    public code runs it, a Python loop over the examples and rounds with each round
    vectorised within one example; and literally, one pair at a time.  Both use
    the same shift-invariant pair weights, so the outputs (and, for the first, the gradients of
@@ -51,9 +51,8 @@ def published_halving(x: torch.Tensor, s: torch.Tensor, k: int, temperature: flo
     return torch.stack(out)
 
 
-def speed() -> None:
-    n, k = 16384, 2048
-    x, s, _ = problem(n, k)
+def speed(batch: int, n: int, k: int) -> None:
+    x, s, _ = problem(n, k, batch)
     t = DEFAULT_TEMPERATURE
     torch.testing.assert_close(halving_select(x, s, k, temperature=t), published_halving(x, s, k, t))
     ours, rounds = interleaved_ms([lambda: halving_select(x, s, k), lambda: published_halving(x, s, k, t)], 9)
@@ -61,7 +60,7 @@ def speed() -> None:
     pairs = median_ms(lambda: published_halving(x, s, k, t, True), 0)
     x.requires_grad_()
     s.requires_grad_()
-    probe = torch.randn(16, k, x.shape[-1])
+    probe = torch.randn(batch, k, x.shape[-1])
 
     def backward(fn):
         return torch.autograd.grad((fn() * probe).sum(), (x, s))
@@ -72,7 +71,7 @@ def speed() -> None:
     ours_fb, rounds_fb = interleaved_ms(
         [lambda: backward(lambda: halving_select(x, s, k)), lambda: backward(lambda: published_halving(x, s, k, t))], 7
     )
-    print(f"successive halving, batch 16, n={n}, k={k}, d=32, temperature={t} (outputs and gradients equal)")
+    print(f"successive halving, batch {batch}, n={n}, k={k}, d=32, temperature={t} (outputs and gradients equal)")
     print(f"  halving_select                         {ours:10.2f} ms   fwd+bwd {ours_fb:8.2f} ms")
     print(f"  published, per example and round       {rounds:10.2f} ms   x{rounds / ours:.1f}   fwd+bwd {rounds_fb:8.2f} ms   x{rounds_fb / ours_fb:.1f}")
     print(f"  published, per example and pair        {pairs:10.2f} ms   x{pairs / ours:.1f}\n")
@@ -112,7 +111,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
-    speed()
+    speed(16, 16384, 2048)
+    speed(1, 1024, 32)  # one example: the published loop has no batch to lose
     if not args.quick:
         quality(args.full)
 

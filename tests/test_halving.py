@@ -235,3 +235,15 @@ def test_k_equal_n_comes_best_first():
     for tau in (1e-4, 0.5):
         torch.testing.assert_close(halving_select(x, s, 4, temperature=tau)[0, :, 0], torch.tensor([1.0, 3, 0, 2]))
     torch.testing.assert_close(halving_topk(s, 4), torch.ones(1, 4))
+
+
+def test_default_beats_the_public_codes_default_on_the_papers_grid():
+    # the public code's default: base 20 with its softmax(20**s) weights (benchmarks/halving_default.py sweeps more)
+    from khot.bench.suites import BASE_20, problem
+    from khot.relaxed.halving import DEFAULT_TEMPERATURE
+
+    for k, n in ((32, 1024), (128, 16384), (8, 8192)):
+        x, s, top = problem(n, k, batch=4)
+        ours = nccs(halving_select(x, s, k), top).mean()
+        public = nccs(halving_select(x, s, k, temperature=BASE_20, published_weights=True), top).mean()
+        assert ours > public, (k, n, DEFAULT_TEMPERATURE, ours.item(), public.item())

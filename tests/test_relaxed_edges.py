@@ -200,8 +200,6 @@ def test_compiles_whole_and_matches_eager(name):
     compiled = torch.compile(fn, fullgraph=True)
     # float32 rounding of counting_select's log-space bumps (|log weight| up to 20 n) is ~3e-6
     torch.testing.assert_close(compiled(s, x, tau), fn(s, x, tau), atol=1e-5 if name == "counting_select" else 1e-6, rtol=0)
-    s64, x64 = _inputs(torch.float64)
-    torch.testing.assert_close(compiled(s64, x64, tau.double()), fn(s64, x64, tau.double()), atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("name", CALLS)
