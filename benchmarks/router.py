@@ -7,7 +7,7 @@ router is ``softmax``, ``torch.topk``, renormalise, with the same statistics as 
 11): TopKRouter <= 1.3x the plain router [1.0x]. Also the same without statistics ("bare"), and
 TopKRouter's other modes for reference. Interleaved medians (khot.bench.measure.interleaved_ms).
 
-Run: python benchmarks/router.py [--tokens 4096 --experts 64 --k 2 --repeats 41]
+Run: python benchmarks/router.py [--tokens 4096 --experts 64 --k 2 --repeats 41 --threads 1]
 """
 
 from __future__ import annotations
@@ -43,7 +43,10 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=2)
     parser.add_argument("--d-model", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=41)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(args.tokens, args.d_model, generator=gen)
     g = torch.randn(args.tokens, args.k, generator=gen)

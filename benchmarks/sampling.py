@@ -1,13 +1,17 @@
 """Benchmark of the πps samplers (khot.sampling.pips_sample).
 
 1. systematic vs one torch.sort of the same (64, 10**5) float32 tensor (goal: <= 1.5x);
-2. Brewer's method vs k (n = 10**4, batch 64), against systematic on the same input;
+2. Brewer's method vs k (n = 10**4, batch 64), against a straightforward vectorised-over-rows
+   Brewer (``brewer_reference`` below: the textbook draw-by-draw weights in float64, one
+   ``torch.multinomial`` per draw; goal: khot <= 1x) and against systematic on the same input;
+   conditional Poisson on the same input (k <= 100);
 3. Pareto on the (64, 10**5) input;
 4. khot.nn.TopKActivation(64, dense=False) (values + indices) vs the dense
    ``topk + zeros_like + scatter`` pattern on a (4096, 32768) float32 input: time and peak
    memory beyond the input (goal: at most half the dense pattern's peak).
 
-Run: python benchmarks/sampling.py  (medians of torch.utils.benchmark.Timer)
+Run: python benchmarks/sampling.py  (medians of torch.utils.benchmark.Timer; interleaved for Brewer)
+     python benchmarks/sampling.py --brewer  (section 2 only)
      python benchmarks/sampling.py --sae  (section 4 only)
 """
 
@@ -17,7 +21,7 @@ import sys
 
 import torch
 
-from khot.bench.measure import median_ms, peak_mib
+from khot.bench.measure import interleaved_ms, median_ms, peak_mib
 from khot.nn import TopKActivation
 from khot.sampling import pips_sample
 
@@ -31,6 +35,24 @@ def probabilities(batch: int, n: int, k: int, gen: torch.Generator) -> torch.Ten
         big = torch.sigmoid(logits + mid).sum(-1, keepdim=True) > k
         lo, hi = torch.where(big, lo, mid), torch.where(big, mid, hi)
     return torch.sigmoid(logits + (lo + hi) / 2).float()
+
+
+def brewer_reference(pi: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Brewer's method as written in the sampling literature, vectorised over rows (every row
+    summing to the same integer k): at draw j = 1..k an item not yet drawn is picked with
+    probability proportional to pi_i (k - a - pi_i) / (k - a - pi_i (k - j + 1)), a = the sum of
+    pi over the items drawn so far."""
+    pi = pi.double()
+    k = round(pi[0].sum().item())
+    taken = torch.zeros_like(pi, dtype=torch.bool)
+    drawn = torch.zeros(pi.shape[0], 1, dtype=torch.float64)
+    for j in range(1, k + 1):
+        left = k - drawn
+        w = (pi * (left - pi) / (left - pi * (k - j + 1))).masked_fill_(taken, 0.0)
+        pick = torch.multinomial(w, 1, generator=generator)
+        taken.scatter_(1, pick, True)
+        drawn += pi.gather(1, pick)
+    return taken
 
 
 def dense_topk_activation(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -58,11 +80,27 @@ def sae_activation() -> None:
         print(f"{name:<34}{ms:>11.1f}{peak:>10.1f}{peak / base:>9.2f}x")
 
 
+def brewer_table(gen: torch.Generator) -> None:
+    print("\nBrewer vs k, (64, 10^4) float32: khot vs a straightforward vectorised Brewer (interleaved medians)")
+    print(f"{'k':>6}{'khot brewer':>13}{'reference':>11}{'ratio':>8}{'systematic':>12}{'cond. Poisson':>15}")
+    for k in (1, 10, 100, 1000):
+        p = probabilities(64, 10**4, k, gen)
+        fns = [lambda: pips_sample(p, design="brewer", generator=gen), lambda: brewer_reference(p, gen),
+               lambda: pips_sample(p, design="systematic", generator=gen)]
+        if k <= 100:
+            fns.append(lambda: pips_sample(p, design="conditional_poisson", generator=gen))
+        times = interleaved_ms(fns, repeats=5 if k < 1000 else 1, warmup=1 if k < 1000 else 0)
+        cp = f"{times[3]:>15.1f}" if k <= 100 else f"{'-':>15}"
+        print(f"{k:>6}{times[0]:>13.1f}{times[1]:>11.1f}{times[0] / times[1]:>7.2f}x{times[2]:>12.1f}{cp}")
+
+
 def main() -> None:
     gen = torch.Generator().manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     if "--sae" in sys.argv:
         return sae_activation()
+    if "--brewer" in sys.argv:
+        return brewer_table(gen)
 
     x = torch.rand(64, 10**5, generator=gen)
     pi = x * (100 / x.sum(-1, keepdim=True))
@@ -74,13 +112,7 @@ def main() -> None:
     for name, ms in rows:
         print(f"{name:<12}{ms:>12.1f}{ms / sort:>9.2f}x")
 
-    print("\nBrewer vs k, (64, 10^4) float32")
-    print(f"{'k':>6}{'brewer ms':>12}{'systematic ms':>15}{'ratio':>9}")
-    for k in (1, 10, 100, 1000):
-        p = probabilities(64, 10**4, k, gen)
-        brewer = median_ms(lambda: pips_sample(p, design="brewer", generator=gen), 1.0 if k < 100 else 0)
-        systematic = median_ms(lambda: pips_sample(p, design="systematic", generator=gen))
-        print(f"{k:>6}{brewer:>12.1f}{systematic:>15.1f}{brewer / systematic:>8.1f}x")
+    brewer_table(gen)
     print()
     sae_activation()
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from khot.sampling import DESIGNS, pips_sample, straight_through
+from khot.sampling import DESIGNS, conditional_poisson_marginals, pips_sample, straight_through
 
 EXACT = ("systematic", "brewer")
 ALPHA = 1e-6  # family-wise false-alarm rate of each statistical test
@@ -239,3 +240,133 @@ def test_straight_through():
     assert torch.equal(y, hard)
     (y * torch.tensor([2.0, -1.0, 4.0])).sum().backward()
     assert torch.equal(soft.grad, torch.tensor([2.0, -1.0, 4.0]))
+
+
+# ---------------------------------------------------------------- conditional Poisson
+
+
+def brute_force_marginals(theta: torch.Tensor, k: int) -> torch.Tensor:
+    """P(i in S) for P(S) ∝ exp(sum_{i in S} theta_i) over all k-subsets, by enumeration."""
+    n = theta.shape[0]
+    subsets = list(itertools.combinations(range(n), k))
+    logp = torch.stack([theta[list(s)].sum() for s in subsets]) if k else torch.zeros(1, dtype=theta.dtype)
+    p = (logp - logp.logsumexp(0)).exp()
+    out = torch.zeros(n, dtype=theta.dtype)
+    for s, ps in zip(subsets, p):
+        out[list(s)] += ps
+    return out
+
+
+@pytest.mark.parametrize("n", [1, 5, 9, 12])
+def test_conditional_poisson_marginals_equal_enumeration(n):
+    gen = torch.Generator().manual_seed(n)
+    theta = torch.randn(3, n, generator=gen, dtype=torch.float64) * 3
+    theta[1, 0] = float("-inf")  # a masked item
+    for k in range(0, n):
+        got = conditional_poisson_marginals(theta, k)
+        want = torch.stack([brute_force_marginals(row, k) for row in theta])
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+    # per-slice k along dim 0, float32 in and out
+    k = torch.randint(0, n, (3,), generator=gen)
+    got = conditional_poisson_marginals(theta.T.float(), k, dim=0)
+    want = torch.stack([brute_force_marginals(row, int(kk)) for row, kk in zip(theta, k)]).T
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want.float(), atol=1e-6, rtol=1e-5)
+
+
+def test_conditional_poisson_marginals_extreme_logits_and_gradients():
+    theta = torch.tensor([[400.0, -400.0, 0.0, 3.0, -2.0, 1e-3]], dtype=torch.float64)
+    torch.testing.assert_close(conditional_poisson_marginals(theta, 3)[0], brute_force_marginals(theta[0], 3))
+    x = torch.randn(2, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: conditional_poisson_marginals(x, 2), (x,))
+    masked = torch.tensor([0.5, float("-inf"), -0.3, 1.0], requires_grad=True)
+    conditional_poisson_marginals(masked, 2).mul(torch.arange(4.0)).sum().backward()
+    assert torch.isfinite(masked.grad).all() and masked.grad[1] == 0
+
+
+def test_conditional_poisson_marginals_bad_input():
+    with pytest.raises(ValueError, match="logits must be finite or -inf"):
+        conditional_poisson_marginals(torch.tensor([0.0, float("nan")]), 1)
+    with pytest.raises(ValueError, match="logits must have at least k finite entries"):
+        conditional_poisson_marginals(torch.tensor([0.0, float("-inf"), float("-inf")]), 2)
+    with pytest.raises(ValueError, match="k=4 is out of range"):
+        conditional_poisson_marginals(torch.zeros(3), 4)
+
+
+def test_conditional_poisson_working_probabilities_by_enumeration():
+    # the solver's logits, checked by brute force: their design has inclusion probabilities pi
+    from khot.sampling.conditional_poisson import working_logits
+
+    for values in (CASES["random"], CASES["small_k"], [1 - 1e-7, 1e-7], [0.999, 0.001, 0.5, 0.5]):
+        pi = torch.tensor([values], dtype=torch.float64)
+        k = round(pi.sum().item())
+        theta = working_logits(pi, torch.ones_like(pi, dtype=torch.bool), torch.tensor([k]))
+        torch.testing.assert_close(brute_force_marginals(theta[0], k), pi[0], atol=1e-12, rtol=0)
+
+
+def test_conditional_poisson_subset_probabilities():
+    # the sampler alone: subset frequencies match P(S) ∝ prod w_i for the solved weights
+    from khot.sampling.conditional_poisson import working_logits
+
+    pi = torch.tensor([0.7, 0.5, 0.4, 0.3, 0.1], dtype=torch.float64)
+    theta = working_logits(pi[None], torch.ones(1, 5, dtype=torch.bool), torch.tensor([2]))[0]
+    subsets = list(itertools.combinations(range(5), 2))
+    logp = torch.stack([theta[list(s)].sum() for s in subsets])
+    want = (logp - logp.logsumexp(0)).exp()
+    x = draw(pi, 20_000, "conditional_poisson", seed=3)
+    got = torch.stack([(x[:, list(s)].sum(1) == 2).double().mean() for s in subsets])
+    assert ((got - want).abs() <= bernstein(want, 20_000, len(subsets))).all()
+    # the maximum-entropy design is not systematic sampling's (whose pair probabilities differ)
+    sys_x = draw(pi, 20_000, "systematic", seed=3)
+    sys_got = torch.stack([(sys_x[:, list(s)].sum(1) == 2).double().mean() for s in subsets])
+    assert ((sys_got - want).abs() > bernstein(want, 20_000, len(subsets))).any()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_conditional_poisson_inclusion_frequencies(case):
+    pi = torch.tensor(CASES[case], dtype=torch.float64)
+    assert_frequencies(pi, draw(pi, 20_000, "conditional_poisson"))
+
+
+# ---------------------------------------------------------------- graphs: compile, meta, vmap
+
+
+@pytest.mark.parametrize("design", DESIGNS)
+def test_compiled_equals_eager_no_graph_breaks(design):
+    pi = sigmoid_topk(torch.randn(5, 16, generator=torch.Generator().manual_seed(0)), 3.5).float()
+
+    def fn(pi):
+        return pips_sample(pi, design=design)
+
+    assert torch._dynamo.explain(fn)(pi).graph_break_count == 0
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(2)
+    got = compiled(pi)
+    torch.manual_seed(2)
+    assert torch.equal(got, fn(pi))
+
+
+def test_compiled_range_check():
+    with pytest.raises(Exception, match=r"pi must lie in \[0, 1\]"):
+        torch.compile(pips_sample, fullgraph=True, backend="aot_eager")(torch.tensor([0.5, 1.5]))
+
+
+@pytest.mark.parametrize("design", DESIGNS)
+def test_meta_and_opcheck(design):
+    pi = torch.rand(4, 3, 7, device="meta", dtype=torch.bfloat16)
+    out = pips_sample(pi, 1, design=design)
+    assert out.shape == pi.shape and out.dtype == pi.dtype and out.device.type == "meta"
+    from khot.sampling.designs import OPS
+
+    p = sigmoid_topk(torch.randn(3, 6, generator=torch.Generator().manual_seed(0)), 2.5)
+    torch.library.opcheck(OPS[design], (p, torch.full((3,), 2.5, dtype=torch.float64), torch.rand(3, 7, dtype=torch.float64)))
+
+
+@pytest.mark.parametrize("design", DESIGNS)
+def test_vmap_joins_the_rows(design):
+    pi = sigmoid_topk(torch.randn(4, 2, 9, generator=torch.Generator().manual_seed(0)), 3)
+    torch.manual_seed(0)
+    out = torch.vmap(lambda p: pips_sample(p, design=design), randomness="different")(pi)
+    assert out.shape == pi.shape and (out.sum(-1) == 3).all()
+    same = torch.vmap(lambda p: pips_sample(p, design=design), randomness="same")(pi.expand(4, 2, 9) * 0 + pi[0])
+    assert all(torch.equal(same[0], s) for s in same)

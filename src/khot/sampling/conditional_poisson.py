@@ -23,21 +23,25 @@ __all__ = ["prefix_tables", "log_inclusion", "working_logits", "sample", "condit
 _TOL = 1e-12  # stop when max |P(i in S) - pi_i| is this small (the DP's float64 rounding is ~1e-14)
 _FLOOR = 1e-9  # ... or when it stops shrinking below this; above it, an error
 _MAX_ITER = 200
+# log 0 in the tables: a finite stand-in for -inf keeps every gradient finite (exp(_NEG - x) = 0
+# with a zero derivative, where -inf - -inf would be NaN); sums of a few of them stay finite
+_NEG = -1e200
 
 
 def prefix_tables(theta: Tensor, kmax: int) -> Tensor:
     """``F`` (rows, kmax + 1, n + 1): ``F[:, r, i] = log e_r(exp(theta[:, :i]))``."""
     rows, n = theta.shape
-    tables = [theta.new_zeros(rows, n + 1)]
-    edge = theta.new_full((rows, 1), -math.inf)
-    for _ in range(kmax):
-        tables.append(torch.cat([edge, torch.logcumsumexp(theta + tables[-1][:, :-1], dim=1)], dim=1))
-    return torch.stack(tables, dim=1)
+    F = theta.new_empty(rows, kmax + 1, n + 1)
+    F[:, 0] = 0.0
+    F[:, 1:, 0] = _NEG
+    for r in range(1, kmax + 1):
+        F[:, r, 1:] = torch.logcumsumexp(theta + F[:, r - 1, :-1], dim=1)
+    return F
 
 
 def log_inclusion(theta: Tensor, size: Tensor, kmax: int) -> tuple[Tensor, Tensor]:
     """``(log P(i in S), log P(i not in S))`` of conditional Poisson with weights ``exp(theta)``
-    (rows, n; ``-inf`` for items never drawn) and per-row sizes ``size <= kmax`` (rows,) int64."""
+    (rows, n; ``_NEG`` for items never drawn) and per-row sizes ``size <= kmax`` (rows,) int64."""
     rows, n = theta.shape
     F = prefix_tables(theta, kmax)
     B = prefix_tables(theta.flip(1), kmax).flip(2)  # B[:, r, i] = log e_r(exp(theta[:, i:]))
@@ -47,7 +51,7 @@ def log_inclusion(theta: Tensor, size: Tensor, kmax: int) -> tuple[Tensor, Tenso
     def combine(need: Tensor) -> Tensor:  # log sum_r e_r(before i) e_{need - r}(after i)
         idx = need.unsqueeze(1) - r  # (rows, kmax + 1)
         after = B[:, :, 1:].gather(1, idx.clamp(0, kmax).unsqueeze(2).expand(rows, kmax + 1, n))
-        after = after.masked_fill((idx < 0).unsqueeze(2), -math.inf)
+        after = after.masked_fill((idx < 0).unsqueeze(2), _NEG)
         return torch.logsumexp(F[:, :, :-1] + after, dim=1)
 
     return theta + combine(size - 1) - log_z, combine(size) - log_z
@@ -55,19 +59,19 @@ def log_inclusion(theta: Tensor, size: Tensor, kmax: int) -> tuple[Tensor, Tenso
 
 def working_logits(pi: Tensor, free: Tensor, size: Tensor) -> Tensor:
     """Logits ``theta`` whose conditional Poisson design of size ``size`` has inclusion
-    probabilities ``pi`` on the ``free`` items (``0 < pi < 1``, summing to ``size``); ``-inf``
-    elsewhere.
+    probabilities ``pi`` on the ``free`` items (``0 < pi < 1``, summing to ``size``); ``_NEG``
+    (log 0) elsewhere.
 
     Iterates ``theta <- theta + a (logit(pi) - logit(P(. in S; theta)))`` from ``theta =
     logit(pi)``: with ``a = 1``, the Newton-type fixed point of Chen, Dempster and Liu (1994) in
     log-odds, which converges linearly (about ten steps to 1e-14 for n = 200, k = 20). A step that
     does not lower a row's error ``max_i |P(i in S) - pi_i|`` is refused and that row's ``a``
     halved (the full step oscillates for k = 1 on two items); an accepted one doubles it back
-    towards 1. A row is done at error <= 1e-12, or at <= 1e-9 once rounding refuses ten steps in
-    a row; anything else raises ``RuntimeError`` (never a silent cap).
+    towards 1. A row is done at error <= 1e-12, or at <= 1e-9 once a step is refused
+    (rounding); anything else raises ``RuntimeError`` (never a silent cap).
     """
     target = torch.where(free, pi.logit(), 0.0)
-    theta = torch.where(free, target, -math.inf)
+    theta = torch.where(free, target, _NEG)
     kmax = int(size.max())
 
     def evaluate(theta: Tensor) -> tuple[Tensor, Tensor]:
@@ -78,10 +82,10 @@ def working_logits(pi: Tensor, free: Tensor, size: Tensor) -> Tensor:
     err, step = evaluate(theta)
     alpha = torch.ones_like(err)
     for _ in range(_MAX_ITER):
-        done = (err <= _TOL) | ((err <= _FLOOR) & (alpha < 2**-10))
+        done = (err <= _TOL) | ((err <= _FLOOR) & (alpha < 1))
         if bool(done.all()):
             return theta
-        trial = torch.where(free, theta + alpha * step, -math.inf)
+        trial = torch.where(free, theta + alpha * step, _NEG)
         trial_err, trial_step = evaluate(trial)
         better = (trial_err < err) & ~done
         theta = torch.where(better, trial, theta)
@@ -150,9 +154,10 @@ def conditional_poisson_marginals(logits: Tensor, k, dim: int = -1) -> Tensor:
     size = check_count(k, n, moved.shape[:-1], logits.device)
     check_range(moved.detach(), "logits", -math.inf, math.inf, what="be finite or -inf")
     theta = moved.reshape(-1, n).double()
+    finite = theta > -math.inf
     sizes = size.reshape(-1) if isinstance(size, Tensor) else torch.full((theta.shape[0],), size, device=theta.device)
-    check_range((theta > -math.inf).sum(1) - sizes, "logits", 0, math.inf, what=f"have at least k finite entries per slice (finite count minus k)")
+    check_range(finite.sum(1) - sizes, "logits", 0, math.inf, what="have at least k finite entries per slice (finite count minus k)")
     kmax = size if isinstance(size, int) else int(size.max())  # a tensor k: one synchronisation
-    log_in, _ = log_inclusion(theta, sizes, kmax)
+    log_in, _ = log_inclusion(torch.where(finite, theta, _NEG), sizes, kmax)
     out = log_in.exp().to(logits.dtype).reshape(moved.shape)
     return out.movedim(-1, d) if logits.dim() else out.reshape(())
