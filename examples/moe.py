@@ -4,6 +4,13 @@ Tokens come from 4 clusters, each with its own linear target map; a layer of 8 e
 top-2 routing with a load-balancing loss, learns to fit them. Prints the loss as it goes
 and the final expert load.
 
+With gradients through the chosen experts' weights only (Mixtral's rule) and a load-balancing
+weight of 0.01, an expert that falls behind early is never chosen again (a final load of
+0.001 against 0.27). Here the router's choice is differentiable (``differentiable=
+"straight_through"``: the gradient of sigmoid top-k reaches the experts not chosen) and the
+balancing weight is 0.1: every expert stays in use (max/min load about 1.4-1.9 over seeds
+0 and 1, against 47-277 before).
+
     python examples/moe.py [--tiny]
 """
 
@@ -23,7 +30,7 @@ class MoE(nn.Module):
 
     def __init__(self, d: int, n_experts: int, k: int):
         super().__init__()
-        self.router = khot.nn.TopKRouter(d, n_experts, k)
+        self.router = khot.nn.TopKRouter(d, n_experts, k, differentiable="straight_through")
         self.experts = nn.ModuleList(nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d)) for _ in range(n_experts))
 
     def forward(self, x):
@@ -50,11 +57,13 @@ def main(argv=None) -> float:
         out, route = moe(x)
         loss = F.mse_loss(out, y)
         opt.zero_grad()
-        (loss + 0.01 * route.aux_loss).backward()
+        (loss + 0.1 * route.aux_loss).backward()
         opt.step()
         if step % max(1, steps // 5) == 0:
             print(f"step {step:4d}  mse {loss.item():.4f}  aux {route.aux_loss.item():.3f}")
-    print(f"final mse {loss.item():.4f}; expert load {[round(v, 3) for v in route.expert_load.tolist()]}")
+    load = route.expert_load
+    print(f"final mse {loss.item():.4f}; expert load {[round(v, 3) for v in load.tolist()]}")
+    print(f"max/min expert load {(load.max() / load.min()).item():.2f} (1 is perfectly balanced)")
     return loss.item()
 
 

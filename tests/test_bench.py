@@ -181,3 +181,84 @@ def test_suites_have_valid_default_cells():
     for suite in SUITES.values():
         for cell in suite.cells + suite.full:
             assert 0 < cell.k < cell.n and cell.batch > 0
+
+
+def test_a_method_added_to_the_registry_is_benchmarked(monkeypatch):
+    import khot
+    from khot.bench import suites, tasks
+
+    class Record:  # the fields of a khot.methods() record that the bench reads
+        def __init__(self, name, mask, stochastic=False):
+            self.name, self.mask, self.default_temperature, self.stochastic, self.cost = name, mask, 1.0, stochastic, "O(n)"
+
+    def noisy(x, k, dim=-1, *, temperature, generator=None):
+        noise = torch.rand(x.shape, generator=generator, dtype=x.dtype)
+        return khot.sigmoid_topk(x + 1e-3 * noise, k, dim, temperature=temperature)
+
+    records = [Record("sigmoid", khot.sigmoid_topk), Record("noisy", noisy, stochastic=True)]
+    monkeypatch.setattr(khot, "methods", lambda: records, raising=False)
+    masks = SUITES["masks"].methods()
+    assert {"sigmoid", "noisy"} <= set(masks) and "halving" not in masks
+    assert {"sigmoid", "noisy", tasks.SAMPLER} <= set(SUITES["tasks"].methods())
+    x = torch.randn(2, 40, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(masks["noisy"].fn(x, 4), masks["noisy"].fn(x, 4))  # a seeded generator
+    row = suites._measure_masks(masks["noisy"], Cell(2, 40, 4, 0.1), Settings(torch.device("cpu"), torch.float32, min_run_time=0))
+    assert abs(row["mask_l1"] - 0.1) <= 0.003 and row["temperature"] > 0
+
+
+def test_matched_temperature_reaches_the_level():
+    import khot
+    from khot.bench.suites import matched_temperature
+
+    x = torch.randn(3, 200, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for level in (0.3, 0.03):
+        t, reached = matched_temperature(lambda z, k, t: khot.sigmoid_topk(z, k, temperature=t), x, 20, level)
+        exact = torch.zeros_like(x).scatter_(-1, x.argsort(-1, descending=True)[:, :20], 1.0)  # independent of topk_mask
+        again = (khot.sigmoid_topk(x, 20, temperature=t) - exact).abs().sum(-1).div(40).mean().item()
+        assert abs(again - level) <= 0.03 * level and again == pytest.approx(reached)
+
+
+def test_smoothed_exact_gradient_matches_the_closed_form_for_two_items():
+    # n = 2, k = 1: E[mask_0] = Φ(d / (σ√2)) with d = x0 - x1, at distance 1 - Φ(d / (σ√2)) from the exact mask
+    from khot.bench.suites import smoothed_exact_gradient
+
+    normal = torch.distributions.Normal(0.0, 1.0)
+    x, g, level = torch.tensor([[0.3, -0.2]], dtype=torch.float64), torch.tensor([[1.5, -0.5]], dtype=torch.float64), 0.2
+    scale = 0.5 / normal.icdf(torch.tensor(1 - level)).item()  # σ√2
+    slope = normal.log_prob(torch.tensor(0.5 / scale)).exp().item() / scale
+    expected = torch.tensor([[slope * 2.0, -slope * 2.0]], dtype=torch.float64)  # (g0 - g1) φ / (σ√2), ± for x0, x1
+    got = smoothed_exact_gradient(x, 1, level, g, seed=0)
+    assert torch.allclose(got, expected, rtol=0.1)
+
+
+def test_summary_compares_only_methods_that_ran_in_every_cell():
+    from khot.bench.report import summary
+
+    def row(method, n, quality, ms):
+        return {"suite": "t", "method": method, "status": "ok", "batch": 1, "n": n, "k": 1, "dtype": "float32",
+                "device": "cpu", "mask_l1": quality, "fwd_bwd_ms": ms}  # fmt: skip
+
+    rows = [row("small-only", 8, 0.0, 1.0), row("a", 8, 0.2, 2.0), row("a", 64, 0.3, 3.0), row("b", 8, 0.1, 5.0)]
+    rows += [row("b", 64, 0.2, 6.0), {**row("small-only", 64, 0, 0), "status": "skipped: ~9 s per call predicted"}]
+    suite = Suite("t", (), (), dict, None, ("mask_l1", False), metrics=("mask_l1",), by="k")
+    text = "\n".join(summary(rows, suite))
+    assert "| 1 | `b` (0.15) |" in text  # the median over both cells, among a and b only (small-only had 0 at n = 8)
+    assert "`small-only` (n ≤ 8)" in text  # left out, and said so
+    assert "of the 2 cells where all of `a`, `b` ran" in text
+
+
+def test_task_table_says_which_method_beats_the_baselines():
+    from khot.bench.report import task_table
+
+    def row(method, task, k, metric, reference=0):
+        return {"suite": "tasks", "method": method, "status": "ok", "task": task, "batch": 3, "n": 64, "k": k,
+                "dtype": "float32", "device": "cpu", "metric": metric, "metric_std": 0.01, "seeds": 3, "train_s": 1.0,
+                "reference": reference}  # fmt: skip
+
+    rows = [row("random pixels", "features", 8, 0.55, 1), row("highest variance", "features", 8, 0.80, 1)]
+    rows += [row("good", "features", 8, 0.85), row("bad", "features", 8, 0.70), row("exact top-k", "sae", 2, 0.4, 1)]
+    rows += [row("good", "sae", 2, 0.3), row("bad", "sae", 2, 0.5)]
+    text = "\n".join(task_table(rows))
+    assert "| `good` | 0.850 ± 0.010 ✓ | 0.300 ± 0.010 ✓ |" in text  # higher accuracy, lower FVU: both beat the baselines
+    assert "| `bad` | 0.700 ± 0.010 ✗ | 0.500 ± 0.010 ✗ |" in text
+    assert "beat every baseline in every task: `good`" in text

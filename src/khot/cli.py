@@ -21,16 +21,19 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.
 BENCH_HELP = """\
 Benchmark every top-k method of khot, and the peers that are installed, side by side.
 
-Suites: selection (seed 002's grid, nCCS), masks (relaxed k-hot masks up to n = 10^6,
-distance to the exact mask, gradient check), exact (against torch.topk + scatter) and
-sampling (πps designs: inclusion-probability error and time). The defaults take a few
-minutes on a 2-core CPU; --full runs the published grids. Writes results.csv (one row per
-measurement, flushed as it goes), report.md and PNG plots to --out. A cell that cannot run
-within the budgets gets a row that says why. Ctrl-C stops and still writes the report.
+Suites: selection (the successive-halving paper's grid, nCCS; Pietruszka et al. 2021), masks
+(relaxed k-hot masks up to n = 10^6, every method at the same three sharpness levels: time,
+|Σ - k|, gradient checks), exact (against torch.topk + scatter), sampling (πps designs:
+chi-square test of the inclusion probabilities, time) and tasks (the same small models trained
+through each relaxation and sampler, 3 seeds: pixel selection and kNN on scikit-learn's digits,
+a TopK sparse autoencoder). The defaults take a few minutes on an idle 2-core CPU; --full runs
+the published grids. Writes results.csv (one row per measurement, flushed as it goes),
+report.md and PNG plots to --out. A cell that cannot run within the budgets gets a row that
+says why. Ctrl-C stops and still writes the report.
 
 examples:
   khot bench                                   # defaults, CPU
-  khot bench --suites masks --methods sigmoid,entmax-budget --n 1000,100000 --k 100
+  khot bench --suites masks --methods sigmoid,entmax-budget --n 1000,100000 --k 100 --levels 0.1
   khot bench --device cuda --full --out gpu-report
 """
 
@@ -109,7 +112,7 @@ def _positive(text: str) -> float:
 def _bench_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmark all methods and peers", description=BENCH_HELP,
                        formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--suites", type=_names, help="comma-separated: selection, masks, exact, sampling (default: all)")
+    p.add_argument("--suites", type=_names, help="comma-separated: selection, masks, exact, sampling, tasks (default: all)")
     p.add_argument("--methods", type=_names, help="comma-separated method names (default: all; references always run)")
     p.add_argument("--n", type=_ints, help="sizes n to run instead of each suite's defaults")
     p.add_argument("--k", type=_ints, help="values of k instead of the defaults (cells need k < n)")

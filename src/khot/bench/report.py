@@ -80,6 +80,11 @@ def ok_rows(rows):
     return [r for r in rows if r.get("status") == "ok"]
 
 
+def _applicable(rows):
+    """The rows of cells a method applies to (not another task's baseline)."""
+    return [r for r in rows if r.get("status") != "n/a"]
+
+
 def _group(row: dict, by: str):
     return row["n"] // row["k"] if by == "n/k" else row.get(by)
 
@@ -207,7 +212,7 @@ def _per_method(rows, column):
 
 def _limits(rows) -> list[str]:
     """One line per method that did not run some cell: the largest n it ran and why it stopped."""
-    lines = []
+    lines, rows = [], _applicable(rows)
     for method in dict.fromkeys(r["method"] for r in rows):
         mine = [r for r in rows if r["method"] == method]
         failed = [r for r in mine if r["status"] != "ok"]
@@ -261,18 +266,69 @@ def table(rows: list[dict], suite) -> list[str]:
     return lines + ["", legend + (f" (the CSV also has {', '.join(extra)} and peak memory)." if extra else " (peak memory in the CSV).")]
 
 
+def task_table(rows: list[dict]) -> list[str]:
+    """The tasks suite as one table: a line per method, a column per task and k, "mean ± sd" of
+    the test metric over the seeds, marked ✓ where the mean beats every baseline of the task."""
+    from .tasks import TASKS
+
+    ok = [r for r in ok_rows(rows) if "metric" in r]
+    if not ok:
+        return ["No task ran within the budgets."]
+    columns = sorted(dict.fromkeys((r["task"], r["k"]) for r in ok), key=lambda c: (list(TASKS).index(c[0]), c[1]))
+    methods = list(dict.fromkeys(r["method"] for r in ok if not r.get("reference")))
+    baselines = list(dict.fromkeys(r["method"] for r in ok if r.get("reference")))
+    at = {(r["method"], r["task"], r["k"]): r for r in ok}
+    head = [f"{task}, k = {k}: {TASKS[task][3]} ({'↑' if TASKS[task][4] else '↓'})" for task, k in columns]
+    lines = ["| method | " + " | ".join(head) + " | training s per run (median) |", "|---|" + "---|" * (len(columns) + 1)]
+    wins = {}
+    for m in methods + baselines:
+        entries = []
+        for task, k in columns:
+            r = at.get((m, task, k))
+            if r is None:
+                entries.append("")
+                continue
+            entry = f"{r['metric']:.3f} ± {r.get('metric_std', 0):.3f}"
+            base = [at[b, task, k]["metric"] for b in TASKS[task][1] if (b, task, k) in at]
+            if not r.get("reference") and base:
+                better = r["metric"] > max(base) if TASKS[task][4] else r["metric"] < min(base)
+                entry += " ✓" if better else " ✗"
+                wins.setdefault(m, []).append(better)
+            entries.append(entry)
+        times = [r["train_s"] for r in ok if r["method"] == m and "train_s" in r]
+        label = f"baseline: {m}" if m in baselines else f"`{m}`"
+        lines.append(f"| {label} | " + " | ".join(entries) + f" | {_fmt(nanmedian(times))} |")
+    seeds = ok[0].get("seeds", "")
+    lines += [
+        "",
+        f"Mean ± standard deviation over {seeds} seeds (same seeds, steps and model for every method); ✓: the mean "
+        "beats every baseline of that task, ✗: it does not. Relaxations at their default temperature.",
+        "",
+    ]
+    for task, k in columns:
+        scored = [(at[m, task, k]["metric"], m) for m in methods if (m, task, k) in at]
+        if scored:
+            best = (max if TASKS[task][4] else min)(scored)
+            lines.append(f"- {task}, k = {k}: best `{best[1]}` ({best[0]:.3f})")
+    beats = [m for m in methods if m in wins and all(wins[m])]
+    lines.append(f"- beat every baseline in every task: {', '.join(f'`{m}`' for m in beats) or 'none'}")
+    return lines
+
+
 def write_report(rows: list[dict], suites: dict, out: Path, header: list[str], plots: list[str]) -> Path:
     """Write ``out/report.md`` from the rows: header lines, summaries, tables and plots."""
     text = ["# khot bench report", "", *header, "", "## Which method when", ""]
     for name, suite in suites.items():
         mine = [r for r in rows if r["suite"] == name]
         if mine:
-            text += [f"### {suite.title}", "", *summary(mine, suite), ""]
+            text += [f"### {suite.title}", "", *(task_table(mine) if name == "tasks" else summary(mine, suite)), ""]
     for name, suite in suites.items():
         mine = [r for r in rows if r["suite"] == name]
-        if mine:
+        if mine and name != "tasks":
             text += [f"## `{name}`: {suite.title}", "", *table(mine, suite), ""]
             text += [f"![{p}]({p})" for p in plots if p.endswith(f"_{name}.png")] + [""]
+        elif mine:
+            text += [f"![{p}]({p})" for p in plots if p == "tasks.png"] + [""]
     path, partial = out / "report.md", out / ".report.md.partial"
     partial.write_text("\n".join(text))
     os.replace(partial, path)  # a reader (or a second Ctrl-C) never sees half a report

@@ -80,7 +80,9 @@ def _measure(task: Task, history: dict) -> dict:
     except (ValueError, TypeError, AssertionError, NotImplementedError) as e:
         status = f"error: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:120]}"
     else:
-        seconds = max(row.get("fwd_bwd_ms", 0.0), row["fwd_ms"]) / 1e3
+        if row["status"] != "ok":  # the suite says why (e.g. "n/a": another task's baseline)
+            return row
+        seconds = max(row.get("fwd_bwd_ms", 0.0), row.get("fwd_ms", 0.0)) / 1e3  # training runs have no per-call time
         history[key] = ((cell, seconds), None)
         return row
     history[key] = (last_ok, (cell, status))
@@ -110,8 +112,8 @@ def run(tasks: list[Task], csv_path: Path, progress: bool = True) -> tuple[list[
             if bar is not None:
                 bar.update()
             else:
-                ms = row.get(t.spec.time, row.get("fwd_ms"))
-                print(f"[{i}/{len(tasks)}] {label}: {f'{ms:.3g} ms' if row['status'] == 'ok' else row['status']}", file=sys.stderr)
+                value, unit = row.get(t.spec.time, row.get("fwd_ms")), t.spec.time.rsplit("_", 1)[-1]
+                print(f"[{i}/{len(tasks)}] {label}: {f'{value:.3g} {unit}' if row['status'] == 'ok' else row['status']}", file=sys.stderr)
     except KeyboardInterrupt:
         return rows, True
     finally:
