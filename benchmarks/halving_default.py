@@ -16,9 +16,9 @@ weights), one row:
   differences, x ~ N(0, 1) of shape (8, 64), in float64 (1.0: the gradient is the derivative of
   what the forward computes; it says nothing about how informative it is, the accuracy does).
 
-Sharper temperatures select better (nCCS) until the gradient through the pair weights vanishes
-(accuracy): the default is the sharpest temperature that keeps the accuracy, among those that
-beat the public code's default on every cell (last column).
+Sharper temperatures select better (nCCS); softer ones give gradients that train better
+(accuracy). The default is, among the temperatures that beat the public code's default on every
+cell (last column), the one with the best accuracy.
 """
 
 from __future__ import annotations
