@@ -410,7 +410,11 @@ def test_meta_tensors_and_compiled_checks():
 
 
 def test_opcheck():
-    from khot.relaxed.sigmoid import _forward_op
+    from khot.relaxed.sigmoid import _backward_op, _forward_op
 
     x = torch.randn(3, 9)
-    torch.library.opcheck(_forward_op, (x, torch.tensor([1.0, 2.5, 4.0], dtype=torch.float64), torch.ones(3, dtype=torch.float64)))
+    r = torch.full((3,), 2.0, dtype=torch.float64)
+    torch.library.opcheck(_forward_op, (x, torch.tensor([1.0, 2.5, 4.0], dtype=torch.float64), r))
+    p = sigmoid_topk(x, 2.5, temperature=0.5)
+    torch.library.opcheck(_backward_op, (p, torch.randn(3, 9), r))
+    torch.library.opcheck(_backward_op, (p, torch.randn(3, 9), torch.tensor(2.0, dtype=torch.float64)))

@@ -288,35 +288,58 @@ class _SigmoidTopK(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         p, x, tau = ctx.saved_tensors
-        if p.numel() == 0:
-            zero = p.new_zeros(p.shape[:-1])
-            return grad.new_zeros(p.shape), zero if ctx.k_is_tensor else None, zero if ctx.tau_is_tensor else None
-        dtype = p.dtype if p.dtype == torch.float64 else torch.float32
-        p, g = p.to(dtype), grad.to(dtype)
-        # one full-size buffer a: w / τ, then w g / τ, then the gradient w (g - m) / τ; written in
-        # place unless this backward is itself differentiated (create_graph)
-        inv = tau.to(dtype).reciprocal().unsqueeze(-1) if ctx.tau_is_tensor else 1 / ctx.temperature
-        a = torch.ops.aten.sigmoid_backward(torch.as_tensor(inv, dtype=dtype, device=p.device).expand_as(p), p)
-        out = None if torch.is_grad_enabled() else a
-        s = a.sum(-1)
-        safe = torch.where(s > 0, s, 1)
-        grad_tau = None
-        if ctx.tau_is_tensor and ctx.needs_input_grad[2]:  # -Σ w (g - m) (x - x̄) / τ², centred first
-            xc = torch.where(a > 0, x, 0).to(dtype)  # w = 0 where x = ±inf
-            xc = xc.sub_((torch.linalg.vecdot(a, xc) / safe).unsqueeze(-1))
-            residual = torch.linalg.vecdot(a, xc)  # Σ w (x - x̄) / τ, zero up to rounding
-        a = torch.mul(a, g, out=out)
-        m = a.sum(-1) / safe
-        if ctx.tau_is_tensor and ctx.needs_input_grad[2]:
-            grad_tau = ((m * residual - torch.linalg.vecdot(a, xc)) / tau.to(dtype)).to(tau.dtype)
-        shift = (-m).unsqueeze(-1) * inv
-        a = torch.addcmul(shift, g, inv, out=out) if ctx.tau_is_tensor else torch.add(shift, g, alpha=inv, out=out)
-        if out is None:
-            grad_x = torch.ops.aten.sigmoid_backward(a, p)
+        tau_grad = ctx.tau_is_tensor and ctx.needs_input_grad[2]
+        inv = tau.reciprocal() if ctx.tau_is_tensor else torch.tensor(1 / ctx.temperature, dtype=torch.float64, device=p.device)
+        if tau_grad or torch.is_grad_enabled():  # differentiated again (create_graph), or a gradient in τ
+            grad_x, m, grad_tau = _backward(p, grad, inv, x if tau_grad else None, inplace=not torch.is_grad_enabled())
         else:
-            grad_x = torch.ops.aten.sigmoid_backward.grad_input(a, p, grad_input=a)
+            (grad_x, m), grad_tau = call(_backward_op, p, grad, inv), None
         grad_k = m.to(ctx.k_dtype) if ctx.k_is_tensor and ctx.needs_input_grad[1] else None
-        return grad_x.to(grad.dtype), grad_k, grad_tau
+        return grad_x, grad_k, None if grad_tau is None else grad_tau.to(tau.dtype)
+
+
+def _backward(p: Tensor, grad: Tensor, inv_tau: Tensor, x: Tensor | None, inplace: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(grad_x, grad_k, grad_τ)`` for the output ``p``, the incoming ``grad`` and ``1 / τ``
+    (a number or per slice); ``grad_τ`` only when ``x`` is given. ``inplace`` rewrites one
+    full-size buffer: ``w / τ``, then ``w g / τ``, then the gradient ``w (g - m) / τ``."""
+    dtype = p.dtype if p.dtype == torch.float64 else torch.float32
+    p, g = p.to(dtype), grad.to(dtype)
+    inv = inv_tau.to(dtype)
+    inv = inv.unsqueeze(-1) if inv.dim() else inv
+    a = torch.ops.aten.sigmoid_backward(inv.expand_as(p), p)
+    out = a if inplace else None
+    s = a.sum(-1)
+    safe = torch.where(s > 0, s, 1)
+    grad_tau = None
+    if x is not None:  # -Σ w (g - m) (x - x̄) / τ², centred first
+        xc = torch.where(a > 0, x, 0).to(dtype)  # w = 0 where x = ±inf
+        xc = xc.sub_((torch.linalg.vecdot(a, xc) / safe).unsqueeze(-1))
+        residual = torch.linalg.vecdot(a, xc)  # Σ w (x - x̄) / τ, zero up to rounding
+    a = torch.mul(a, g, out=out)
+    m = a.sum(-1) / safe
+    if x is not None:
+        grad_tau = (m * residual - torch.linalg.vecdot(a, xc)) * inv.squeeze(-1)
+    a = torch.addcmul((-m).unsqueeze(-1) * inv, g, inv, out=out)
+    if inplace:
+        grad_x = torch.ops.aten.sigmoid_backward.grad_input(a, p, grad_input=a)
+    else:
+        grad_x = torch.ops.aten.sigmoid_backward(a, p)
+    return grad_x.to(grad.dtype), m, grad_tau
+
+
+def _backward_portable(p: Tensor, grad: Tensor, inv_tau: Tensor) -> tuple[Tensor, Tensor]:
+    if p.numel() == 0:
+        return torch.zeros_like(grad), p.new_zeros(p.shape[:-1], dtype=torch.float64 if p.dtype == torch.float64 else torch.float32)
+    return _backward(p, grad, inv_tau, None, inplace=True)[:2]
+
+
+def _backward_fake(p: Tensor, grad: Tensor, inv_tau: Tensor) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(grad), p.new_empty(p.shape[:-1], dtype=torch.float64 if p.dtype == torch.float64 else torch.float32)
+
+
+# (grad_x, m) of the common backward (no gradient in τ, not differentiated again): an op, so that
+# the Triton kernel can take it on CUDA
+_backward_op = custom_op("sigmoid_topk_backward", _backward_portable, fake=_backward_fake)
 
 
 def sigmoid_topk(x: Tensor, k: float | Tensor, dim: int = -1, *, temperature: float | Tensor = 1.0) -> Tensor:
