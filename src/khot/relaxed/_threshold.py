@@ -109,14 +109,37 @@ def largest_index(value: Callable[[Tensor], Tensor], k: Tensor, n: int, shape: t
     return lo
 
 
-def shifted(z: Tensor, t: Tensor) -> Tensor:
+_SAMPLE = 4096  # sub-sample size per slice for the CPU paths' bracket
+WINDOW = 1 / 16  # the CPU paths take at most this fraction of a slice with topk, else sort it all
+
+
+def lower_bound(rows: Tensor, k: Tensor, solve: Callable[[Tensor, Tensor], Tensor]):
+    """``(lo, count)``: a likely lower bound ``lo`` (``(rows, 1)``, float64) of each row's threshold
+    for ``k``, from ``solve`` (rows, k -> t) run on a strided sub-sample at ``k`` scaled to the
+    sample plus four standard deviations of the count (a binomial), and an upper estimate of how
+    many entries of any row exceed it. ``None`` for short rows, ``k`` at 0 or n, or when that
+    count is over ``WINDOW`` of a row (then a full sort is as cheap)."""
+    n = rows.shape[-1]
+    if n < 8 * _SAMPLE or not bool(((k >= 1) & (k <= n - 1)).all()):
+        return None
+    sample = rows[:, :: n // _SAMPLE].contiguous()
+    m = sample.shape[-1]
+    ks = k * (m / n)
+    lo = solve(sample, (ks + 4 * (ks * (1 - ks / m)).clamp(min=0).sqrt() + 2).clamp(max=m))[:, None]
+    above = (sample > lo.to(sample.dtype)).sum(-1).max().item()
+    count = math.ceil((above + 4 * math.sqrt(above) + 8) * n / m)
+    return None if count > n * WINDOW else (lo, count)
+
+
+def shifted(z: Tensor, t: Tensor, out: Tensor | None = None) -> Tensor:
     """``z - t`` for a float64 threshold ``t (..., 1)``, in ``z``'s dtype, without a float64 copy of ``z``:
-    ``t`` is split into a head and a tail in ``z``'s dtype, ``(z - t_head) - t_tail``."""
+    ``t`` is split into a head and a tail in ``z``'s dtype, ``(z - t_head) - t_tail`` (into ``out``
+    if given)."""
     if z.dtype == t.dtype:
-        return z - t
+        return torch.sub(z, t, out=out)
     head = t.to(z.dtype)
-    tail = torch.where(torch.isfinite(t), t - head.to(t.dtype), 0)  # t = ±inf: k = 0 or n
-    return (z - head) - tail.to(z.dtype)
+    tail = torch.where(torch.isfinite(t), t - head.to(t.dtype), 0).to(z.dtype)  # t = ±inf: k = 0 or n
+    return torch.sub(z, head, out=out).sub_(tail)
 
 
 def threshold_function(name: str, solve: Callable, weights: Callable[[Tensor], Tensor], slope: float = 1.0):
@@ -128,17 +151,18 @@ def threshold_function(name: str, solve: Callable, weights: Callable[[Tensor], T
         p, x, tau = ctx.saved_tensors
         dtype = work_dtype(p)
         w = weights(p.to(dtype))
-        g = grad.to(dtype)
         s = w.sum(-1, keepdim=True)
-        m = (w * g).sum(-1, keepdim=True) / torch.where(s > 0, s, 1)
-        gz = w * (g - m)
+        out = None if torch.is_grad_enabled() else w * grad  # in place from here unless differentiated again
+        wg = w * grad if out is None else out
+        m = wg.sum(-1, keepdim=True) / torch.where(s > 0, s, 1)
+        gz = torch.addcmul(wg, w, m, value=-1, out=out)  # w (g - m)
         rate = slope / tau.to(dtype)
-        grad_x = (gz * rate).to(x.dtype) if ctx.needs_input_grad[0] else None
         grad_k = m.squeeze(-1).to(torch.float64) if ctx.needs_input_grad[1] else None
         grad_tau = None
         if ctx.needs_input_grad[2]:
             z = torch.where((w > 0) & torch.isfinite(x), x.to(dtype), 0) * rate
             grad_tau = (-(gz * z).sum(-1, keepdim=True) / tau.to(dtype)).to(tau.dtype)
+        grad_x = torch.mul(gz, rate, out=out).to(x.dtype) if ctx.needs_input_grad[0] else None
         return grad_x, grad_k, grad_tau, *(None,) * ctx.n_options
 
     def setup_context(ctx, inputs, output):

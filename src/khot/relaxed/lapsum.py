@@ -23,7 +23,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._threshold import Rows, finite_range_sorted, largest_index, shifted, threshold_function, work_dtype
+from khot._backend import custom_op
+
+from ._threshold import Rows, finite_range_sorted, largest_index, lower_bound, shifted, threshold_function, work_dtype
 
 __all__ = ["DEFAULT_TEMPERATURE", "lapsum_topk"]
 
@@ -39,16 +41,14 @@ def _gather(t: Tensor, j: Tensor) -> Tensor:
     return torch.where((j >= 0) & (j < n), t.gather(-1, j.clamp(0, n - 1)), -torch.inf)
 
 
-def _solve(x: Tensor, k: Tensor, tau: Tensor) -> Tensor:
-    dtype = work_dtype(x)
-    z = x.to(dtype) / tau
+def _core(z: Tensor, k: Tensor, log_below: Tensor | float = -torch.inf) -> Tensor:
+    """``(t, lo, hi)`` in float64, ``(..., 3)``, for the scores ``z`` plus, optionally, scores that all
+    lie below the threshold and whose ``log Σ e^z`` is ``log_below`` (``(..., 1)``)."""
     n = z.shape[-1]
-    if n == 0:
-        return torch.zeros_like(x)
     s = z.sort(-1).values.contiguous()  # searchsorted needs a contiguous row
     lo, hi = finite_range_sorted(s, _MARGIN)
     s = s.clamp(lo, hi).to(torch.float64)
-    log_a = torch.logcumsumexp(s, -1)  # log Σ_{i <= j} e^{s_i}
+    log_a = torch.logaddexp(torch.logcumsumexp(s, -1), torch.as_tensor(log_below, dtype=s.dtype))  # log Σ_{i <= j} e^{s_i}
     log_b = torch.logcumsumexp(-s.flip(-1), -1).flip(-1)  # log Σ_{i >= j} e^{-s_i}
 
     def value(j: Tensor) -> Tensor:  # Σ F(s_i - s_j)
@@ -57,7 +57,8 @@ def _solve(x: Tensor, k: Tensor, tau: Tensor) -> Tensor:
 
     k = k.unsqueeze(-1)
     q = largest_index(value, k, n, (*z.shape[:-1], 1)) + 1  # items below t
-    la, lb = _gather(log_a, q - 1), _gather(log_b, q)
+    la = torch.where(q > 0, _gather(log_a, q - 1), torch.as_tensor(log_below, dtype=s.dtype))
+    lb = _gather(log_b, q)
     c = (n - q) - k
     # h = log(|c| + sqrt(c² + AB)) without overflow; then e^t = e^h / B (c >= 0) or A / e^h (c < 0)
     lc, half = torch.log(c.abs()), (la + lb) / 2
@@ -66,8 +67,55 @@ def _solve(x: Tensor, k: Tensor, tau: Tensor) -> Tensor:
     h = top + torch.log(torch.exp(lc - top) + torch.sqrt(torch.exp(2 * (lc - top)) + torch.exp(2 * (half - top))))
     t = torch.where(c >= 0, h - lb, la - h)
     t = torch.where(k <= 0, torch.inf, torch.where(k >= n, -torch.inf, t)) + s[..., -1:] * 0  # NaN slices stay NaN
-    u = shifted(z.clamp(lo, hi), t)
-    e = 0.5 * torch.exp(-u.abs())
+    return torch.cat([t, lo.to(torch.float64), hi.to(torch.float64)], -1)
+
+
+def _threshold_portable(z: Tensor, k: Tensor) -> Tensor:
+    return _core(z, k)
+
+
+def _threshold_cpu(z: Tensor, k: Tensor) -> Tensor:
+    """The same threshold from the largest scores only (long rows on the CPU): a strided sub-sample
+    gives a likely lower bound ``t_lo`` of ``t``; one ``topk`` takes the scores above it, the rest
+    enter through one sum, ``Σ e^{z - t_lo}`` over the row (``z <= t_lo``). Exact when the
+    ``topk`` reached below ``t_lo`` and ``t >= t_lo`` (checked); otherwise a full sort."""
+    rows, n = z.reshape(-1, z.shape[-1]), z.shape[-1]
+    kr = k.reshape(-1)
+    bounds = lower_bound(rows, kr, lambda s, ks: _core(s, ks)[..., 0])
+    if bounds is None:
+        return _core(z, k)
+    lo, count = bounds
+    top = rows.topk(count, -1).values  # descending
+    window = top > lo
+    # Σ_{z <= lo} e^{z - lo}: every entry above lo adds exactly e^0 = 1 in the clamped sum
+    shift = lo.to(rows.dtype)  # exactly the shift used, in the scores' dtype
+    low = torch.sub(rows, shift).clamp_(max=0).exp_().sum(-1, keepdim=True, dtype=torch.float64)
+    low = (low - window.sum(-1, keepdim=True)).clamp(min=0)
+    out = _core(torch.where(window, top, -torch.inf), kr, torch.log(low) + shift.to(torch.float64))
+    # exact where the topk reached below lo and t >= lo; slices with +inf or NaN take the full path
+    valid = (top[:, -1] <= lo[:, 0]) & (out[:, 0] >= lo[:, 0]) & torch.isfinite(top[:, 0])
+    out[:, 1] = -torch.inf  # the scores left out are below t (their p comes from F)
+    if not bool(valid.all()):
+        out[~valid] = _core(rows[~valid], kr[~valid])
+    return out.reshape(*z.shape[:-1], 3)
+
+
+_threshold = custom_op(
+    "lapsum_threshold",
+    _threshold_portable,
+    cpu=_threshold_cpu,
+    fake=lambda z, k: z.new_empty((*z.shape[:-1], 3), dtype=torch.float64),
+)
+
+
+def _solve(x: Tensor, k: Tensor, tau: Tensor) -> Tensor:
+    dtype = work_dtype(x)
+    z = x.to(dtype) / tau
+    if z.shape[-1] == 0:
+        return torch.zeros_like(x)
+    t, lo, hi = _threshold(z, k).split(1, -1)
+    u = shifted(z.clamp_(lo.to(dtype), hi.to(dtype)), t, out=z)
+    e = torch.abs(u).neg_().exp_().mul_(0.5)
     return torch.where(u <= 0, e, 1 - e).to(x.dtype)
 
 

@@ -24,7 +24,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._threshold import Rows, finite_range_sorted, largest_index, shifted, threshold_function, work_dtype
+from khot._backend import custom_op
+
+from ._threshold import (
+    Rows,
+    finite_range_sorted,
+    largest_index,
+    shifted,
+    threshold_function,
+    lower_bound,
+    work_dtype,
+)
 
 __all__ = ["DEFAULT_TEMPERATURE", "sparse_topk"]
 
@@ -32,17 +42,14 @@ __all__ = ["DEFAULT_TEMPERATURE", "sparse_topk"]
 DEFAULT_TEMPERATURE = 1.0
 
 
-def _solve(x: Tensor, k: Tensor, tau: Tensor) -> Tensor:
-    dtype = work_dtype(x)
-    z = x.to(dtype) / tau
+def _threshold_portable(z: Tensor, k: Tensor) -> Tensor:
+    """``(t, lo, hi)`` in float64, ``(..., 3)``: the threshold and the bounds that replace ``±inf``."""
     n = z.shape[-1]
-    if n == 0:
-        return torch.zeros_like(x)
     s = z.sort(-1).values.contiguous()  # searchsorted needs a contiguous row
     lo, hi = finite_range_sorted(s, 1.0)  # ±inf -> 1 beyond the finite range: p = 1 or 0 when possible
     s = s.clamp(lo, hi)
     csum = s.cumsum(-1, dtype=torch.float64)
-    step = torch.tensor([1.0, -1.0], dtype=dtype, device=x.device)
+    step = torch.tensor([1.0, -1.0], dtype=z.dtype, device=z.device)
 
     def prefix(m: Tensor) -> Tensor:  # Σ_{i < m} s_i
         return torch.where(m > 0, csum.gather(-1, (m - 1).clamp(min=0)), 0)
@@ -65,9 +72,53 @@ def _solve(x: Tensor, k: Tensor, tau: Tensor) -> Tensor:
     free = jv - ju
     t = (prefix(jv + 1) - prefix(ju + 1) + (n - 1 - jv) - k) / free.clamp(min=1)
     at_u = torch.where(ju >= 0, s.gather(-1, ju.clamp(min=0)).to(torch.float64), -torch.inf)
-    corner = torch.maximum(at_u, s.gather(-1, jv).to(torch.float64) - 1)
+    corner = torch.maximum(at_u, s.gather(-1, jv.clamp(min=0)).to(torch.float64) - 1)  # jv = -1 only on NaN
     t = torch.where(free > 0, t, corner) + s[..., -1:] * 0  # a NaN in the slice makes it NaN
-    return shifted(z.clamp(lo, hi), t).clamp(0, 1).to(x.dtype)
+    return torch.cat([t, lo.to(torch.float64), hi.to(torch.float64)], -1)
+
+
+def _threshold_cpu(z: Tensor, k: Tensor) -> Tensor:
+    """The same threshold, sorting only the largest scores (long rows on the CPU).
+
+    A strided sub-sample gives a lower bound ``t_lo`` of ``t`` and an estimate of how many scores
+    exceed it; one ``topk`` takes that many (with a margin) from each slice, and the threshold is
+    solved on them alone (the scores ``<= t_lo`` are zeros). It is exact when the ``topk`` reached
+    below ``t_lo`` and ``t >= t_lo`` (both checked); otherwise, and when too many scores exceed
+    ``t_lo``, the slices take the full sort.
+    """
+    rows, n = z.reshape(-1, z.shape[-1]), z.shape[-1]
+    kr = k.reshape(-1)
+    bounds = lower_bound(rows, kr, lambda s, ks: _threshold_portable(s, ks)[..., 0])
+    if bounds is None:
+        return _threshold_portable(z, k)
+    lo, count = bounds
+    top = rows.topk(count, -1).values  # descending
+    out = _threshold_portable(torch.where(top > lo, top, -torch.inf), kr)  # -inf: sorts first, weighs nothing
+    # exact where the topk reached below lo and t >= lo; slices with +inf or NaN take the full path
+    valid = (top[:, -1] <= lo[:, 0]) & (out[:, 0] >= lo[:, 0]) & torch.isfinite(top[:, 0])
+    out[:, 1] = -torch.inf  # the scores left out, -inf ones included, are zeros
+    if not bool(valid.all()):
+        out[~valid] = _threshold_portable(rows[~valid], kr[~valid])
+    return out.reshape(*z.shape[:-1], 3)
+
+
+_threshold = custom_op(
+    "sparse_threshold",
+    _threshold_portable,
+    cpu=_threshold_cpu,
+    fake=lambda z, k: z.new_empty((*z.shape[:-1], 3), dtype=torch.float64),
+)
+
+
+def _solve(x: Tensor, k: Tensor, tau: Tensor) -> Tensor:
+    dtype = work_dtype(x)
+    z = x.to(dtype) / tau
+    if z.shape[-1] == 0:
+        return torch.zeros_like(x)
+    t, lo, hi = _threshold(z, k).split(1, -1)
+    # clip(clip(z, lo, hi) - t, 0, 1) as one clamp of z - t (in place: z is ours)
+    floor, ceil = (lo - t).clamp(0, 1).to(dtype), (hi - t).clamp(0, 1).to(dtype)
+    return shifted(z, t, out=z).clamp_(floor, ceil).to(x.dtype)
 
 
 _SparseTopK = threshold_function("_SparseTopK", _solve, lambda p: ((p > 0) & (p < 1)).to(p.dtype))
