@@ -15,21 +15,19 @@ Three things make that hold:
   ``((x - t_hi) - t_lo) / τ`` with ``t = t_hi + t_lo`` split into a float32 head and tail:
   ``x - t_hi`` is exact for the entries near the threshold, which are the ones that matter;
 * the sums ``Σ p`` and ``Σ p²`` accumulate in float64;
-* the solver cannot stop early or at a cap. ``f(t) = Σ p`` is decreasing, and in
-  ``u = e^{-t/τ}`` it is a sum of concave functions ``u / (a_i + u)``, so the Newton step
-  in ``u`` (a step ``log1p(|k - f| / f')`` in ``c``, with ``f' = Σ p (1 - p)``) approaches
-  the root monotonically from either side, quadratically near it. Every evaluation shrinks
-  a bracket ``[lo, hi]`` on ``t``; a Newton step is taken only inside the bracket and when
-  it is at most half the previous one (else, on "staircases" of scores many ``τ`` apart, it
-  would creep one stair at a time), at most ``_NEWTON`` times (once the Newton step in ``c`` is
-  below 1/2, Halley's step, ``f''`` from ``Σ p³``, replaces it: cubic convergence); otherwise the bracket is
-  bisected on the bit pattern of its float64 ends, which reaches adjacent doubles from any
-  bracket in at most 64 steps. A slice is done when ``|Σ p - k|`` is below its tolerance
-  (float32: ``4e-6 Σ p (1 - p)``, so ``p`` moves by at most ``1e-6``; float64: that with
-  ``1e-10`` and ``5e-10 max(1, k)``) or when its bracket holds two adjacent doubles: then it
-  takes the one whose sum is closer to ``k``, the best float64 allows (e.g. ``|x / τ| ~ 1e30``
-  leaves no threshold between two scores). So at most ``2 + _NEWTON + 64`` evaluations, and
-  typically 2.
+* the solver cannot stop early or at a cap. ``f(t) = Σ p`` is decreasing in ``t``. Each step
+  is Halley's method on ``log f(c) = log k`` (``c = -t / τ``; ``f'' = Σ p - 3 Σ p² + 2 Σ p³``),
+  where the sums behave like exponentials, so the step is nearly exact far from the root too
+  (the method of the authors' code, in log space). Every evaluation shrinks a bracket
+  ``[lo, hi]`` on ``t``; a step is taken only inside the bracket and when it is at most half the
+  previous one (else, on "staircases" of scores many ``τ`` apart, it would creep one stair at a
+  time), at most ``_NEWTON`` times; otherwise the bracket is bisected on the bit pattern of its
+  float64 ends, which reaches adjacent doubles from any bracket in at most 64 steps. A slice is
+  done when ``|Σ p - k|`` is below its tolerance (float32: ``4e-6 Σ p (1 - p)``, so ``p`` moves
+  by at most ``1e-6``; float64: that with ``1e-10`` and ``5e-10 max(1, k)``) or when its bracket
+  holds two adjacent doubles: then it takes the one whose sum is closer to ``k``, the best
+  float64 allows (e.g. ``|x / τ| ~ 1e30`` leaves no threshold between two scores). So at most
+  ``2 + _NEWTON + 64`` evaluations, and typically 2 or 3.
 
 Start: a strided sub-sample of about 4096 entries gives the probit approximation (the mean of
 ``sigmoid(z + c)`` over normal ``z`` with mean ``μ`` and deviation ``s`` is about
@@ -39,7 +37,7 @@ root solved to the ~1e-3 it can represent.
 Backends (:mod:`khot._backend`): the op ``khot::sigmoid_topk_forward`` solves the slices. Its
 CPU path stops each solve as soon as every slice is done and skips work a slice does not need
 (the float32 tail ``t_lo`` when it is negligible, the data bounds of the bracket until a
-Newton step is refused); its portable path (every other device, meta tensors, and
+Halley step is refused); its portable path (every other device, meta tensors, and
 ``khot.use_backend("portable")``) has no host synchronisation: always the full
 ``2 + _NEWTON + 64`` evaluations, done slices frozen, so the same accuracy with fixed work.
 
@@ -65,7 +63,7 @@ from khot._checks import check_positive, check_real_count, check_tensor, normali
 
 __all__ = ["sigmoid_topk"]
 
-_NEWTON = 12  # Newton steps per solve at most; typical inputs take 1-2
+_NEWTON = 12  # Halley steps per solve at most; typical inputs take 1-2
 _BITS = 64  # bisections of a float64 bracket that reach adjacent doubles from any bracket
 _EVALUATIONS = 2 + _NEWTON + _BITS  # enough for every slice: the portable path's fixed work
 _SAMPLE = 4096  # target size of the strided sub-sample that gives the starting point
@@ -147,8 +145,8 @@ def _iterate(
     if not adaptive:
         lo, hi = _bounds(_extremes(x, sign), k, r, n)
     bounded = not adaptive
-    previous = torch.full_like(t, math.inf)  # the last Newton step: the next must be at most half
-    newton = torch.zeros_like(t)  # Newton steps taken
+    previous = torch.full_like(t, math.inf)  # the last Halley step: the next must be at most half
+    newton = torch.zeros_like(t)  # Halley steps taken
     tol_k = tol_k * k.clamp(min=1)
     rounding = 2.0**-24 * math.ceil(math.log2(n + 1))  # relative error bound of a float32 sum
     f_lo, f_hi = torch.full_like(t, math.inf), torch.full_like(t, math.inf)  # f at lo and hi
@@ -175,12 +173,15 @@ def _iterate(
             break
         if adaptive and bool(done.all()):
             break
-        # Newton in v = exp(-t r): a step log1p(|gap| / w) in c = -t r, never past the root; close
-        # to it (a Newton step in c below 1/2), Halley's step in c, with f'' = Σ p - 3 Σ p² + 2 Σ p³
+        # Halley's method on log f(c) = log k (c = -t r): the sums behave like exponentials, so it
+        # is nearly exact far from the root too; f'' = Σ p - 3 Σ p² + 2 Σ p³
         cubes = p.pow_(3).sum(-1, dtype=None if adaptive else torch.float64).double()  # p is rewritten next
-        bend = (f - 3 * (f - w) + 2 * cubes) * gap / (2 * w.square())
-        close = (gap / w).abs() < 0.5
-        step_c = torch.where(close, gap / w / (1 + bend), torch.sign(gap) * torch.log1p(gap.abs() / w))
+        phi = f.log() - k.log()
+        d1 = w / f
+        d2 = (f - 3 * (f - w) + 2 * cubes) / f - d1.square()
+        newton = -phi / d1
+        bend = phi * d2 / d1.square()  # Halley's step is Newton's divided by 1 - bend / 2
+        step_c = torch.where(bend.abs() <= 1, newton / (1 - bend / 2), newton)
         step = -step_c / r
         new = t + step
         good = (new > lo) & (new < hi) & (step.abs() <= previous / 2) & (newton < _NEWTON)
@@ -190,7 +191,7 @@ def _iterate(
             good = good & (new > lo) & (new < hi)
         if adaptive and bool((good | done).all()):
             t = torch.where(done, t, new)
-        else:  # bisect where Newton is refused; where lo and hi are adjacent, take the better one
+        else:  # bisect where Halley is refused; where lo and hi are adjacent, take the better one
             mid, adjacent = _bisect(lo, hi)
             adjacent = adjacent & ~done & ~good
             better = torch.where((f_lo - k).abs() <= (f_hi - k).abs(), lo, hi)
