@@ -21,13 +21,13 @@ Three things make that hold:
   (the method of the authors' code, in log space). Every evaluation shrinks a bracket
   ``[lo, hi]`` on ``t``; a step is taken only inside the bracket and when it is at most half the
   previous one (else, on "staircases" of scores many ``τ`` apart, it would creep one stair at a
-  time), at most ``_NEWTON`` times; otherwise the bracket is bisected on the bit pattern of its
+  time), at most ``_HALLEY`` times; otherwise the bracket is bisected on the bit pattern of its
   float64 ends, which reaches adjacent doubles from any bracket in at most 64 steps. A slice is
   done when ``|Σ p - k|`` is below its tolerance (float32: ``4e-6 Σ p (1 - p)``, so ``p`` moves
   by at most ``1e-6``; float64: that with ``1e-10`` and ``5e-10 max(1, k)``) or when its bracket
   holds two adjacent doubles: then it takes the one whose sum is closer to ``k``, the best
   float64 allows (e.g. ``|x / τ| ~ 1e30`` leaves no threshold between two scores). So at most
-  ``2 + _NEWTON + 64`` evaluations, and typically 2 or 3.
+  ``2 + _HALLEY + 64`` evaluations, and typically 2 or 3.
 
 Start: a strided sub-sample of about 4096 entries gives the probit approximation (the mean of
 ``sigmoid(z + c)`` over normal ``z`` with mean ``μ`` and deviation ``s`` is about
@@ -35,11 +35,13 @@ Start: a strided sub-sample of about 4096 entries gives the probit approximation
 root solved to the ~1e-3 it can represent.
 
 Backends (:mod:`khot._backend`): the op ``khot::sigmoid_topk_forward`` solves the slices. Its
-CPU path stops each solve as soon as every slice is done and skips work a slice does not need
+CPU path stops each solve as soon as every slice is done, saves the last evaluation where the
+remaining Newton step ``δ`` in ``c`` is small (below ``sqrt(tol) / 2``: ``p + p (1 - p) δ`` is
+then ``p`` at the root to within ``δ² / 2``, below the tolerance), and skips work a slice does not need
 (the float32 tail ``t_lo`` when it is negligible, the data bounds of the bracket until a
 Halley step is refused); its portable path (every other device, meta tensors, and
 ``khot.use_backend("portable")``) has no host synchronisation: always the full
-``2 + _NEWTON + 64`` evaluations, done slices frozen, so the same accuracy with fixed work.
+``2 + _HALLEY + 64`` evaluations, done slices frozen, so the same accuracy with fixed work.
 
 Backward is closed-form (implicit function theorem, no solver): with ``w = p (1 - p)``,
 ``S = Σ w`` and ``m = Σ w g / S`` for an incoming gradient ``g``::
@@ -63,9 +65,9 @@ from khot._checks import check_positive, check_real_count, check_tensor, normali
 
 __all__ = ["sigmoid_topk"]
 
-_NEWTON = 12  # Halley steps per solve at most; typical inputs take 1-2
+_HALLEY = 12  # Halley steps per solve at most; typical inputs take 1-2
 _BITS = 64  # bisections of a float64 bracket that reach adjacent doubles from any bracket
-_EVALUATIONS = 2 + _NEWTON + _BITS  # enough for every slice: the portable path's fixed work
+_EVALUATIONS = 2 + _HALLEY + _BITS  # enough for every slice: the portable path's fixed work
 _SAMPLE = 4096  # target size of the strided sub-sample that gives the starting point
 _MAX = torch.finfo(torch.float64).max
 _R32 = 2.0**126  # 1 / τ is clamped here in float32 work (differences below 2**-126 are subnormal)
@@ -128,6 +130,13 @@ def _extremes(x: Tensor, sign: Tensor) -> tuple[Tensor, Tensor]:
     return torch.where(sign > 0, xmin, -xmax), torch.where(sign > 0, xmax, -xmin)
 
 
+def _near(gap: Tensor, w: Tensor, close: float, c: Tensor) -> Tensor:
+    """Slices whose Newton step ``δ = gap / w`` in ``c`` is at most ``close`` and a step float64 can
+    take (well above ``ulp(c)``): then ``p + p (1 - p) δ`` is ``p`` at a float64 threshold."""
+    delta = (gap / w).abs()
+    return (delta <= close) & (delta >= 2.0**-32 * c.abs())
+
+
 def _iterate(
     x: Tensor, k: Tensor, r: Tensor, sign: Tensor, t: Tensor, tol_w: float, tol_k: float, adaptive: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -146,9 +155,12 @@ def _iterate(
         lo, hi = _bounds(_extremes(x, sign), k, r, n)
     bounded = not adaptive
     previous = torch.full_like(t, math.inf)  # the last Halley step: the next must be at most half
-    newton = torch.zeros_like(t)  # Halley steps taken
+    steps = torch.zeros_like(t)  # Halley steps taken
     tol_k = tol_k * k.clamp(min=1)
     rounding = 2.0**-24 * math.ceil(math.log2(n + 1))  # relative error bound of a float32 sum
+    # a Newton step δ in c from the root's neighbourhood misses it by at most δ² / 2 (|f''| <= f'),
+    # and p + p (1 - p) δ misses p(c + δ) by at most δ² / 20: both below the tolerance in p
+    close = math.sqrt(tol_w) / 2
     f_lo, f_hi = torch.full_like(t, math.inf), torch.full_like(t, math.inf)  # f at lo and hi
     final = torch.zeros_like(t, dtype=torch.bool)  # slices moved to the better end of adjacent doubles
     rs = sign * r
@@ -161,10 +173,17 @@ def _iterate(
         p = _evaluate(x, sign * t, rs, p, tail, scale)
         f, w = _sums(p, accurate=not adaptive)
         done = final | ~(((k - f).abs() > tol_w * w) | ((k - f).abs() > tol_k))  # NaN slices are done
-        if adaptive and x.dtype != torch.float64 and bool((done & (rounding * 2 * f > tol_w * w)).any()):
+        near = _near(k - f, w, close, t * r) & ~done  # one Newton step in p from the root (CPU path)
+        if adaptive and x.dtype != torch.float64 and bool(((done | near) & (rounding * 2 * f > tol_w * w)).any()):
             f, w = _sums(p, accurate=True)  # a slice that looks done, but float32 sums cannot tell
             done = final | ~(((k - f).abs() > tol_w * w) | ((k - f).abs() > tol_k))
+            near = _near(k - f, w, close, t * r) & ~done
         gap = k - f
+        if adaptive and bool((done | near).all()):  # p(c + δ) = p + p (1 - p) δ + O(δ²) with δ = gap / w
+            delta = torch.where(near, gap / w, 0).to(p.dtype).unsqueeze(-1)
+            p.add_(torch.ops.aten.sigmoid_backward(delta.expand_as(p), p))
+            f = torch.where(near, k, f)
+            break
         hi, f_hi = torch.where(gap > 0, t, hi), torch.where(gap > 0, f, f_hi)  # f decreases in t
         lo, f_lo = torch.where(gap < 0, t, lo), torch.where(gap < 0, f, f_lo)
         if evaluation == _EVALUATIONS:  # every slice is done by now (see the module docstring)
@@ -179,12 +198,12 @@ def _iterate(
         phi = f.log() - k.log()
         d1 = w / f
         d2 = (f - 3 * (f - w) + 2 * cubes) / f - d1.square()
-        newton = -phi / d1
+        newton_c = -phi / d1
         bend = phi * d2 / d1.square()  # Halley's step is Newton's divided by 1 - bend / 2
-        step_c = torch.where(bend.abs() <= 1, newton / (1 - bend / 2), newton)
+        step_c = torch.where(bend.abs() <= 1, newton_c / (1 - bend / 2), newton_c)
         step = -step_c / r
         new = t + step
-        good = (new > lo) & (new < hi) & (step.abs() <= previous / 2) & (newton < _NEWTON)
+        good = (new > lo) & (new < hi) & (step.abs() <= previous / 2) & (steps < _HALLEY)
         if not bounded and not bool((good | done).all()):
             lo0, hi0 = _bounds(_extremes(x, sign), k, r, n)
             lo, hi, bounded = torch.maximum(lo, lo0), torch.minimum(hi, hi0), True
@@ -198,7 +217,7 @@ def _iterate(
             t = torch.where(done, t, torch.where(good, new, torch.where(adjacent, better, mid)))
             final = final | adjacent
         previous = torch.where(good, step.abs(), math.inf)
-        newton = newton + good
+        steps = steps + good
     return p, t, f
 
 
