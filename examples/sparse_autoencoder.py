@@ -2,9 +2,11 @@
 
 The data are sums of 4 of 64 random unit "features" in 32 dimensions, with random
 positive weights; the autoencoder (128 latents, k = 4 active) learns to reconstruct
-them. Prints the loss as it goes and the final fraction of variance unexplained.
+them. Prints the loss as it goes and the final fraction of variance unexplained. The model
+and data are those of the ``sae`` task of ``khot bench --suites tasks``
+(:mod:`khot.bench.tasks`), which also trains it through each relaxation.
 
-    python examples/sparse_autoencoder.py [--tiny]
+    python examples/sparse_autoencoder.py [--k 4] [--tiny]
 """
 
 from __future__ import annotations
@@ -13,37 +15,23 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-import khot
-
-
-class TopKSAE(nn.Module):
-    """``decode(relu(topk(encode(x - b))))`` with a tied pre-bias ``b`` (Gao et al. 2024)."""
-
-    def __init__(self, d: int, latents: int, k: int):
-        super().__init__()
-        self.bias = nn.Parameter(torch.zeros(d))
-        self.encode, self.decode = nn.Linear(d, latents), nn.Linear(latents, d, bias=False)
-        self.act = khot.nn.TopKActivation(k)
-
-    def forward(self, x):
-        return self.decode(self.act(self.encode(x - self.bias))) + self.bias
+from khot.bench.tasks import TopKSAE, sparse_data
 
 
 def main(argv=None) -> float:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--k", type=int, default=4, help="active latents per input (default 4)")
     parser.add_argument("--tiny", action="store_true", help="a few steps (a smoke test)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    d, n_features, active, batch = 32, 64, 4, 1024
+    d, n_features, batch = 32, 64, 1024
     steps = 5 if args.tiny else 1000
     features = F.normalize(torch.randn(n_features, d), dim=-1)
-    sae = TopKSAE(d, latents=128, k=active)
+    sae = TopKSAE(d, latents=128, k=args.k)
     opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
     for step in range(1, steps + 1):
-        which = torch.rand(batch, n_features).argsort(-1)[:, :active]
-        x = (torch.rand(batch, active, 1) * features[which]).sum(1)
+        x = sparse_data(batch, features)
         loss = F.mse_loss(sae(x), x)
         opt.zero_grad()
         loss.backward()

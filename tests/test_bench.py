@@ -243,7 +243,7 @@ def test_summary_compares_only_methods_that_ran_in_every_cell():
     suite = Suite("t", (), (), dict, None, ("mask_l1", False), metrics=("mask_l1",), by="k")
     text = "\n".join(summary(rows, suite))
     assert "| 1 | `b` (0.15) |" in text  # the median over both cells, among a and b only (small-only had 0 at n = 8)
-    assert "`small-only` (n ≤ 8)" in text  # left out, and said so
+    assert "`small-only` (ran n ≤ 8)" in text  # left out, and said so
     assert "of the 2 cells where all of `a`, `b` ran" in text
 
 

@@ -18,11 +18,12 @@ __all__ = ["plot", "style"]
 
 _PALETTE = (
     "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf",
-    "#393b79", "#e6550d", "#31a354", "#843c39", "#7b4173", "#3182bd", "#636363",
+    "#000080", "#b8860b", "#00a087", "#800000", "#ff1493", "#6b8e23", "#4b0082",
 )  # fmt: skip
 _KNOWN = (
     "sigmoid", "halving", "iterative", "counting", "entmax-budget", "torchsort-rank", "difftopk", "diffsort",
-    "sample (πps)", "halving-base20", "topk_mask", "keep_topk", "systematic", "brewer", "pareto", "gumbel-topk",
+    "sample (πps)", "sparse", "lapsum", "soft", "perturbed", "gumbel", "halving-base20", "topk_mask",
+    "systematic", "brewer", "pareto", "conditional_poisson", "gumbel-topk", "keep_topk",
 )  # fmt: skip
 _MARKERS = "osD^v<>ph*XP"
 
@@ -75,8 +76,13 @@ def _finish(fig, axes, plt):
         for h, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, h)
         ax.grid(True, which="major", alpha=0.3)
-        for axis in (ax.xaxis, ax.yaxis):
+        for axis, scale in ((ax.xaxis, ax.get_xscale()), (ax.yaxis, ax.get_yscale())):
             axis.set_minor_formatter(plt.NullFormatter())  # no "3×10⁰"-style minor labels
+            if scale == "log":  # ticks at 1, 2, 5 × 10^j, written plainly
+                lo, hi = sorted(axis.get_view_interval())
+                narrow = lo > 0 and hi < 1e3 * lo
+                axis.set_major_locator(plt.LogLocator(base=10, subs=(1, 2, 5) if narrow and axis is ax.yaxis else (1,)))
+                axis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}"))
     if handles:
         fig.legend(handles.values(), handles.keys(), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
 

@@ -148,7 +148,7 @@ def summary(rows: list[dict], suite) -> list[str]:
     groups = defaultdict(list)
     for r in ranked:
         groups[_group(r, suite.by)].append(r)
-    notes = []
+    notes = {}
     for key in sorted(groups, key=lambda v: (v is None, v)):
         g = groups[key]
         mq, left_q, _ = compared(g, metric)
@@ -169,13 +169,12 @@ def summary(rows: list[dict], suite) -> list[str]:
             fastest += "; faster reference: " + ", ".join(faster)
         pareto = sorted({m for cell in _cells(g).values() for m in _pareto(cell, metric, higher, time)}) if higher is not None else []
         lines.append(f"| {key} | {best} | {fastest} | {', '.join(f'`{m}`' for m in pareto) or '–'} |")
-        for left, what in ((left_q, LABELS[metric]), (left_t, "time")):
-            if left:
-                notes.append(f"{suite.by} = {key}, {what}: " + ", ".join(f"`{m}` ({_where(g, m)})" for m in left))
+        for m in left_q + left_t:
+            notes.setdefault(m, _where(ok_rows(rows), m))
     lines.append("")
     lines.append(
         "Medians over the cells of each row, comparing only the methods that ran in all of them"
-        + (" (left out, with where they ran: " + "; ".join(notes) + ")." if notes else ".")
+        + ("; left out of the rows where they missed cells: " + ", ".join(f"`{m}` (ran {w})" for m, w in notes.items()) + "." if notes else ".")
     )
     lines.append("")
     if higher is not None:

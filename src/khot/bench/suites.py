@@ -36,7 +36,6 @@ import torch.nn.functional as F
 
 import khot
 from khot.metrics import nccs
-from khot.relaxed import MASK_METHODS, SELECT_METHODS
 from khot.sampling import DESIGNS, pips_sample
 
 from . import peers
@@ -74,7 +73,8 @@ class Method:
     ``memory(batch, n, k)`` estimates its bytes where that can exceed the machine;
     ``baseline`` names the reference method its time is compared with; a ``reference``
     is timed but not ranked; ``tempered(x, k, temperature)`` is the method at a chosen
-    sharpness (relaxed masks).
+    sharpness (relaxed masks); a ``stochastic`` method's backward is an estimator, not the
+    derivative of its (seeded) forward, so it gets no finite-difference check.
     """
 
     fn: Callable
@@ -84,6 +84,7 @@ class Method:
     baseline: str | None = None
     reference: bool = False
     tempered: Callable | None = None
+    stochastic: bool = False
 
 
 @dataclass(frozen=True)
@@ -160,11 +161,16 @@ def problem(n: int, k: int, batch: int = 16, d: int = D, seed: int = 0, device="
 
 
 def _selection_methods() -> dict[str, Method]:
-    works = {"halving": lambda c: c.batch * c.n * D, "iterative": lambda c: c.batch * c.n * c.k * D}
-    works["counting"] = lambda c: c.batch * c.n * (c.n + c.k * D)
-    out = {name: Method(fn, work=works[name]) for name, (fn, _) in SELECT_METHODS.items()}
-    halving = SELECT_METHODS["halving"][0]
-    out["halving-base20"] = Method(lambda x, s, k: halving(x, s, k, temperature=BASE_20), work=works["halving"])
+    out = {}
+    for name, r in relaxations().items():
+        if r.select is not None:
+            select, work = _seeded(r.select, r.stochastic, 0), _cost_work(r.cost)
+            out[name] = Method(
+                lambda x, s, k, f=select, t=r.default_temperature: f(x, s, k, temperature=t), work=lambda c, w=work: w(c) * D
+            )
+    if "halving" in out:  # halving at the paper's own default, base 20
+        halving = relaxations()["halving"].select
+        out["halving-base20"] = Method(lambda x, s, k: halving(x, s, k, temperature=BASE_20), work=out["halving"].work)
     for name, (package, fn, memory) in peers.select_methods().items():
         out[name] = Method(fn, package, lambda c: c.batch * c.n * c.n * D, memory)
     return out
@@ -180,8 +186,8 @@ def _measure_selection(method: Method, cell: Cell, s: Settings) -> dict:
 
 
 def _cost_work(cost: str | None) -> Callable[[Cell], float]:
-    """The ``work`` of a method from the registry's cost text (``"O(n)"``, ``"O(n log n)"``, ``"O(kn)"``, ``"O(n²)"``)."""
-    text = (cost or "O(n²)").replace(" ", "").lower()
+    """The ``work`` of a method from the registry's cost text (``"O(n)"``, ``"O(n log n)"``, ``"O(k n)"``, ``"O(n^2)"``)."""
+    text = cost.replace(" ", "").lower()
     if "²" in text or "^2" in text or "n*n" in text:
         return lambda c: c.batch * c.n * c.n
     if "k" in text.split("log")[0]:
@@ -191,32 +197,10 @@ def _cost_work(cost: str | None) -> Callable[[Cell], float]:
     return lambda c: c.batch * c.n
 
 
-@dataclass(frozen=True)
-class _Relaxation:
-    """The fields of a :func:`khot.methods` record that the bench uses (a stand-in until every method has one)."""
-
-    name: str
-    mask: Callable
-    default_temperature: float
-    stochastic: bool = False
-    cost: str | None = None
-    select: Callable | None = None
-
-
-_COSTS = {"sigmoid": "O(n)", "halving": "O(n log n)", "iterative": "O(kn)", "counting": "O(n²)"}
-
-
 def relaxations() -> dict:
-    """Every relaxed top-k of khot, by name: the records of ``khot.methods()`` (the method
+    """Every relaxed top-k of khot, by name: the records of :func:`khot.methods` (the method
     registry), so a method added there is benchmarked without touching the bench."""
-    if hasattr(khot, "methods"):
-        records = khot.methods()
-        return {r.name: r for r in (records.values() if isinstance(records, dict) else records) if r.mask is not None}
-    select = {name: fn for name, (fn, _) in SELECT_METHODS.items()}
-    return {
-        name: _Relaxation(name, fn, t, cost=_COSTS.get(name), select=select.get(name))
-        for name, (fn, t) in MASK_METHODS.items()
-    }
+    return {r.name: r for r in khot.methods() if r.mask is not None}
 
 
 def _seeded(fn: Callable, stochastic: bool, seed: int) -> Callable:
@@ -243,6 +227,7 @@ def _masks_methods() -> dict[str, Method]:
             work=_cost_work(r.cost),
             baseline="softmax",
             tempered=lambda x, k, t, f=mask: f(x, k, -1, temperature=t),
+            stochastic=r.stochastic,
         )
     for name, (package, fn, memory) in peers.mask_methods().items():
         work = (lambda c: c.batch * c.n * c.n * math.log2(c.n) ** 2) if memory else _cost_work("O(n log n)")
@@ -361,7 +346,7 @@ def _measure_masks(method: Method, cell: Cell, s: Settings) -> dict:
     out["mask_l1"] = _l1(m, khot.topk_mask(x, cell.k), cell.k)
     out["sum_err"] = (m.sum(-1) - cell.k).abs().mean().item()
     try:  # no float64 path (e.g. a peer's float32 network): no gradient columns
-        if cell.n <= GRAD_MAX_N and 2 * cell.n * out["fwd_ms"] / 1e3 <= s.budget_s:  # 2n calls
+        if cell.n <= GRAD_MAX_N and 2 * cell.n * out["fwd_ms"] / 1e3 <= s.budget_s and not method.stochastic:  # 2n calls
             out["grad_cos"] = _finite_difference_cosine(fn, x, cell.k, s)
         if cell.level is not None and cell.n <= JAC_MAX_N:
             g = torch.randn(x.shape, generator=_generator(s), device=x.device, dtype=torch.float64)

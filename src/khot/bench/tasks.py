@@ -35,7 +35,7 @@ from torch import nn
 
 import khot
 
-__all__ = ["TASKS", "digits", "fit", "accuracy", "mask_methods", "features", "knn", "sae"]
+__all__ = ["TASKS", "TopKSAE", "digits", "fit", "accuracy", "mask_methods", "features", "knn", "sae", "sparse_data"]
 
 SAMPLER = "sample (πps)"
 
@@ -135,14 +135,15 @@ def knn(mask, k: int, seed: int, steps: int = 100, dim: int = 4, pool: int = 128
         return (votes.argmax(-1) == y_test).float().mean().item()
 
 
-class _SAE(nn.Module):
-    """``decode(act(encode(x - b))) + b`` with a tied pre-bias (Gao et al. 2024)."""
+class TopKSAE(nn.Module):
+    """``decode(act(encode(x - b))) + b`` with a tied pre-bias (Gao et al. 2024, "Scaling and
+    evaluating sparse autoencoders"); ``act`` defaults to the exact ``khot.nn.TopKActivation(k)``."""
 
-    def __init__(self, d: int, latents: int, act: Callable):
+    def __init__(self, d: int, latents: int, k: int, act: Callable | None = None):
         super().__init__()
         self.bias = nn.Parameter(torch.zeros(d))
         self.encode, self.decode = nn.Linear(d, latents), nn.Linear(latents, d, bias=False)
-        self.act = act
+        self.act = act or khot.nn.TopKActivation(k)
 
     def forward(self, x):
         return self.decode(self.act(self.encode(x - self.bias))) + self.bias
@@ -159,7 +160,7 @@ def sae(mask, k: int, seed: int, steps: int = 200, d: int = 32, latents: int = 1
     torch.manual_seed(seed)
     features = F.normalize(torch.randn(64, d), dim=-1)
     exact = khot.nn.TopKActivation(k)
-    model = _SAE(d, latents, exact if mask == "exact top-k" else (lambda z: F.relu(z) * mask(z, k)))
+    model = TopKSAE(d, latents, k, exact if mask == "exact top-k" else (lambda z: F.relu(z) * mask(z, k)))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(steps):
         x = sparse_data(batch, features)
