@@ -54,11 +54,10 @@ __all__ = ["DEFAULT_TEMPERATURE", "halving_topk", "halving_select"]
 #: 0.015 splits 0.95/0.05.  Chosen by ``benchmarks/halving_default.py``: of the temperatures
 #: whose nCCS beats the public code's default (base 20, its own weights) on every cell of the
 #: paper's grid (those <= 0.01), the one whose gradients train the feature-selection example
-#: best (accuracy 0.778; 0.727 at 0.01, 0.689 at 0.002).  nCCS 0.984 / 0.952 / 0.985 / 0.999 /
+#: best (accuracy 0.769; 0.748 at 0.01, 0.691 at 0.002).  nCCS 0.984 / 0.952 / 0.985 / 0.999 /
 #: 0.665 where the public code's default scores 0.955 / 0.851 / 0.955 / 0.986 / 0.437 (0.05:
 #: 0.892 / 0.631 / 0.893 / 0.990 / 0.314).  Softer temperatures train that example better
-#: (0.806 at 0.05, 0.842 with the public code's weights): pass one where gradients matter more
-#: than the selection.
+#: (0.783 at 0.05, 0.843 at base 20): pass one where gradients matter more than the selection.
 DEFAULT_TEMPERATURE = 0.005
 
 
