@@ -50,7 +50,10 @@ def _expand(match: re.Match, page_dir: str) -> str:
     if what == "changelog":
         return _demote((ROOT / "CHANGELOG.md").read_text(encoding="utf-8").split("\n", 1)[1].strip("\n"), 0)
     if what == "report-section":
-        text = (ROOT / "docs" / REPORT).read_text(encoding="utf-8")
+        path = ROOT / "docs" / REPORT
+        if not path.is_file():
+            raise PluginError(f"docs: docs/{REPORT} is missing; a saved `khot bench` run belongs there (khot bench --out docs/report-example)")
+        text = path.read_text(encoding="utf-8")
         body = _relink(_section(text, arg, REPORT), posixpath.dirname(REPORT), page_dir)
         return _demote(body, 1)
     if what == "methods-table":
