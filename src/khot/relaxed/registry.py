@@ -18,7 +18,7 @@ import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from . import counting, gumbel, halving, iterative, lapsum, perturbed, sigmoid, soft, sparse
+from . import counting, gumbel, halving, iterative, lapsum, perturbed, sigmoid, simple, soft, sparse
 
 __all__ = ["Method", "methods", "get", "check_options", "markdown_table"]
 
@@ -103,6 +103,14 @@ _METHODS = (
         reference="Xie, Dai, Chen, Dai, Zhao, Zha, Wei & Pfister, 'Differentiable Top-k with Optimal "
         "Transport', NeurIPS 2020",
         summary="reproducing SOFT top-k (entropic OT by Sinkhorn) as a baseline; sigmoid is its exact limit",
+    ),
+    Method(
+        "simple", simple.simple_topk, None, simple.DEFAULT_TEMPERATURE,
+        real_k=False, per_row_k=True, grad_k=False, grad_temperature=True,
+        output_range="[0, 1]", sums_to_k="exactly", exact_zeros=False, stochastic=False, cost="O(k n)",
+        reference="Ahmed, Zeng, Niepert & Van den Broeck, 'SIMPLE: A Gradient Estimator for k-Subset "
+        "Sampling', ICLR 2023",
+        summary="the exact marginals of the maximum-entropy k-subset distribution (train with its samples)",
     ),
     Method(
         "perturbed", perturbed.perturbed_topk, None, perturbed.DEFAULT_TEMPERATURE,

@@ -1,0 +1,48 @@
+"""SIMPLE top-k: the exact inclusion probabilities of the k-subset distribution ``P(S) ∝ exp(Σ_{i∈S} x_i / τ)``.
+
+Ahmed, Zeng, Niepert & Van den Broeck, "SIMPLE: A Gradient Estimator for k-Subset Sampling"
+(ICLR 2023): the maximum-entropy (conditional Poisson) distribution over subsets of exactly
+``k`` items with weights ``exp(x / τ)``; its marginals ``P(i ∈ S)`` lie in ``[0, 1]``, sum to
+``k`` exactly and are the relaxation SIMPLE differentiates (exact samples of the same design:
+``khot.pips_sample(..., design="conditional_poisson")``). Computed by
+:func:`khot.sampling.conditional_poisson_marginals` (a log-space dynamic programme in float64,
+``O(n k)``, differentiable by autograd). ``±inf`` scores are placed 1000 τ beyond the finite ones
+first, so masked items get 0 (and take part only when fewer than ``k`` others remain).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from khot.sampling import conditional_poisson_marginals
+
+from ._threshold import Rows, clamp_infinite, work_dtype
+
+__all__ = ["DEFAULT_TEMPERATURE", "simple_topk"]
+
+#: Default ``τ`` (score units).
+DEFAULT_TEMPERATURE = 1.0
+_MARGIN = 1000.0
+
+
+def simple_topk(x: Tensor, k: int | Tensor, dim: int = -1, *, temperature: float | Tensor = DEFAULT_TEMPERATURE) -> Tensor:
+    """Inclusion probabilities of the size-``k`` conditional Poisson design with weights ``exp(x / τ)``.
+
+    Args:
+        x: floating-point scores (half and bfloat16 computed in float32, the programme in float64).
+        k: an int or an integer tensor of per-slice counts, ``0 <= k <= n``.
+        dim: the dimension to select along.
+        temperature: ``τ > 0``, a number or a per-slice tensor (differentiable).
+
+    Example:
+        >>> import torch, khot
+        >>> p = khot.soft_topk(torch.tensor([0.0, 0.0, 1.0]), 2, method="simple")
+        >>> p
+        tensor([0.5777, 0.5777, 0.8446])
+        >>> round(p.sum().item(), 6)
+        2.0
+    """
+    rows = Rows(x, k, dim, temperature, real_k=False)
+    _, tau = rows.tensors()
+    logits = clamp_infinite(rows.x.to(work_dtype(rows.x)) / tau, _MARGIN)
+    return rows.restore(conditional_poisson_marginals(logits, rows.k).to(x.dtype))
