@@ -35,9 +35,10 @@ Start: a strided sub-sample of about 4096 entries gives the probit approximation
 root solved to the ~1e-3 it can represent.
 
 Backends (:mod:`khot._backend`): the op ``khot::sigmoid_topk_forward`` solves the slices. Its
-CPU path stops each solve as soon as every slice is done, saves the last evaluation where the
-remaining Newton step ``δ`` in ``c`` is small (below ``sqrt(tol) / 2``: ``p + p (1 - p) δ`` is
-then ``p`` at the root to within ``δ² / 2``, below the tolerance), and skips work a slice does not need
+CPU path stops each solve as soon as every slice is done, saves the last evaluation of inputs of
+up to ``_SMALL`` elements where the remaining Newton step ``δ`` in ``c`` is small (below
+``sqrt(tol) / 2``: ``p + p (1 - p) δ`` is then ``p`` at the root to within ``δ² / 2``, below the
+tolerance; on larger inputs the temporary costs more than an evaluation), and skips work a slice does not need
 (the float32 tail ``t_lo`` when it is negligible, the data bounds of the bracket until a
 Halley step is refused); its portable path (every other device, meta tensors, and
 ``khot.use_backend("portable")``) has no host synchronisation: always the full
@@ -69,6 +70,7 @@ _HALLEY = 12  # Halley steps per solve at most; typical inputs take 1-2
 _BITS = 64  # bisections of a float64 bracket that reach adjacent doubles from any bracket
 _EVALUATIONS = 2 + _HALLEY + _BITS  # enough for every slice: the portable path's fixed work
 _SAMPLE = 4096  # target size of the strided sub-sample that gives the starting point
+_SMALL = 1 << 20  # up to this many elements a full-size temporary is cheaper than an evaluation
 _MAX = torch.finfo(torch.float64).max
 _R32 = 2.0**126  # 1 / τ is clamped here in float32 work (differences below 2**-126 are subnormal)
 _LOW_BITS = 0x7FFFFFFFFFFFFFFF
@@ -179,10 +181,10 @@ def _iterate(
             done = final | ~(((k - f).abs() > tol_w * w) | ((k - f).abs() > tol_k))
             near = _near(k - f, w, close, t * r) & ~done
         gap = k - f
-        if adaptive and bool((done | near).all()):  # p(c + δ) = p + p (1 - p) δ + O(δ²) with δ = gap / w
-            delta = torch.where(near, gap / w, 0).to(p.dtype).unsqueeze(-1)
-            p.add_(torch.ops.aten.sigmoid_backward(delta.expand_as(p), p))
-            f = torch.where(near, k, f)
+        if adaptive and bool((done | near).all()) and bool(near.any()) and p.numel() <= _SMALL:
+            delta = torch.where(near, gap / w, 0)  # p(c + δ) = p + p (1 - p) δ + O(δ²)
+            p.add_(torch.ops.aten.sigmoid_backward(delta.to(p.dtype).unsqueeze(-1).expand_as(p), p))
+            t, f = t - delta / r, torch.where(near, k, f)
             break
         hi, f_hi = torch.where(gap > 0, t, hi), torch.where(gap > 0, f, f_hi)  # f decreases in t
         lo, f_lo = torch.where(gap < 0, t, lo), torch.where(gap < 0, f, f_lo)
@@ -339,7 +341,7 @@ def _backward(p: Tensor, grad: Tensor, inv_tau: Tensor, x: Tensor | None, inplac
     m = a.sum(-1) / safe
     if x is not None:
         grad_tau = (m * residual - torch.linalg.vecdot(a, xc)) * inv.squeeze(-1)
-    a = torch.addcmul((-m).unsqueeze(-1) * inv, g, inv, out=out)
+    a = torch.sub(g, m.unsqueeze(-1), out=out).mul_(inv) if inplace else (g - m.unsqueeze(-1)) * inv
     if inplace:
         grad_x = torch.ops.aten.sigmoid_backward.grad_input(a, p, grad_input=a)
     else:
