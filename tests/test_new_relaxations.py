@@ -325,3 +325,19 @@ def test_cpu_path_equals_the_portable_sort(name):
         with khot.use_backend("portable"):
             slow = _call(name, x, k, temperature=tau)
         torch.testing.assert_close(fast, slow, atol=1e-6, rtol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("name", ["sparse", "lapsum", "soft", "simple"])
+def test_vmap_equals_the_batched_call(name):
+    x = torch.randn(3, 4, 10, generator=torch.Generator().manual_seed(16))
+    with pytest.warns(UserWarning) if name in ("sparse", "lapsum") else _nothing():  # torch's per-sample fallback
+        mapped = torch.vmap(lambda r: khot.soft_topk(r, 2, method=name))(x)
+    torch.testing.assert_close(mapped, khot.soft_topk(x, 2, method=name))
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

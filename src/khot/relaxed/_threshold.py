@@ -131,15 +131,15 @@ def lower_bound(rows: Tensor, k: Tensor, solve: Callable[[Tensor, Tensor], Tenso
     return None if count > n * WINDOW else (lo, count)
 
 
-def shifted(z: Tensor, t: Tensor, out: Tensor | None = None) -> Tensor:
+def shifted(z: Tensor, t: Tensor, inplace: bool = False) -> Tensor:
     """``z - t`` for a float64 threshold ``t (..., 1)``, in ``z``'s dtype, without a float64 copy of ``z``:
-    ``t`` is split into a head and a tail in ``z``'s dtype, ``(z - t_head) - t_tail`` (into ``out``
-    if given)."""
+    ``t`` is split into a head and a tail in ``z``'s dtype, ``(z - t_head) - t_tail`` (written into
+    ``z`` when ``inplace``)."""
     if z.dtype == t.dtype:
-        return torch.sub(z, t, out=out)
+        return z.sub_(t) if inplace else z - t
     head = t.to(z.dtype)
     tail = torch.where(torch.isfinite(t), t - head.to(t.dtype), 0).to(z.dtype)  # t = ±inf: k = 0 or n
-    return torch.sub(z, head, out=out).sub_(tail)
+    return (z.sub_(head) if inplace else z - head).sub_(tail)
 
 
 def threshold_function(name: str, solve: Callable, weights: Callable[[Tensor], Tensor], slope: float = 1.0):

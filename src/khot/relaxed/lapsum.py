@@ -114,7 +114,7 @@ def _solve(x: Tensor, k: Tensor, tau: Tensor) -> Tensor:
     if z.shape[-1] == 0:
         return torch.zeros_like(x)
     t, lo, hi = _threshold(z, k).split(1, -1)
-    u = shifted(z.clamp_(lo.to(dtype), hi.to(dtype)), t, out=z)
+    u = shifted(z.clamp_(lo.to(dtype), hi.to(dtype)), t, inplace=True)
     e = torch.abs(u).neg_().exp_().mul_(0.5)
     return torch.where(u <= 0, e, 1 - e).to(x.dtype)
 

@@ -118,7 +118,7 @@ def _solve(x: Tensor, k: Tensor, tau: Tensor) -> Tensor:
     t, lo, hi = _threshold(z, k).split(1, -1)
     # clip(clip(z, lo, hi) - t, 0, 1) as one clamp of z - t (in place: z is ours)
     floor, ceil = (lo - t).clamp(0, 1).to(dtype), (hi - t).clamp(0, 1).to(dtype)
-    return shifted(z, t, out=z).clamp_(floor, ceil).to(x.dtype)
+    return shifted(z, t, inplace=True).clamp_(floor, ceil).to(x.dtype)
 
 
 _SparseTopK = threshold_function("_SparseTopK", _solve, lambda p: ((p > 0) & (p < 1)).to(p.dtype))
