@@ -3,7 +3,7 @@
 Given ``pi`` in [0, 1]^n with ``sum(pi) = k`` (for example the output of sigmoid top-k),
 a πps design ("inclusion probability proportional to size") draws a subset S of the n
 items, without replacement, such that ``P(i in S) = pi_i``. For an integer ``k`` every
-sample holds exactly ``k`` items. :func:`pips_sample` offers three designs:
+sample holds exactly ``k`` items. :func:`pips_sample` offers four designs:
 
 ``"systematic"`` (the default; exact)
     Put the items in a uniformly random order, lay them end to end as intervals of
@@ -12,19 +12,25 @@ sample holds exactly ``k`` items. :func:`pips_sample` offers three designs:
     probabilities are exact for any order; the random order only matters for the joint
     ones: with it, ``P(i and j in S) > 0`` for every pair with ``pi_i, pi_j > 0``
     (with a fixed order, neighbours whose intervals share a unit are never drawn
-    together). Cost: one sort of random int32 keys, then a few fully parallel O(n)
-    passes; about as fast as one ``torch.sort`` of ``pi`` (``benchmarks/sampling.py``).
+    together). Cost: one sort of random keys, then a few fully parallel O(n) passes, no
+    host synchronisation; about as fast as one ``torch.sort`` of ``pi``
+    (``benchmarks/sampling.py``). **Prefer it** whenever only the inclusion probabilities
+    matter (straight-through training, Monte-Carlo estimates of sums): it is the fastest
+    at every k.
 ``"brewer"`` (exact)
     Brewer's method: ``k`` draws one at a time without replacement; at draw ``j`` an
     item not yet drawn is picked with probability proportional to
     ``pi_i (k - a - pi_i) / (k - a - pi_i (k - j + 1))``, where ``a`` is the sum of
-    ``pi`` over the items drawn so far. Cost O(n k): vectorised over the batch,
-    sequential in ``k``: on 2 CPU cores, a (64, 10**4) batch takes about 0.1 s for
-    k = 1, 4 s for k = 100 and 25 s for k = 1000 (``benchmarks/sampling.py``).
+    ``pi`` over the items drawn so far. Every draw is one pass of O(n) vector work over
+    the batch (the weights on integer lengths held exactly in float64, a cumulative sum
+    and a ``searchsorted`` of a pre-drawn uniform): O(n k) in all, sequential in ``k``
+    (``benchmarks/sampling.py --brewer`` compares it with a straightforward vectorised
+    Brewer). A classical draw-by-draw design with all joint inclusion probabilities
+    positive; use it when that is wanted and ``k`` is small.
 ``"pareto"`` (approximate)
     Rosén's Pareto sampling: keep the ``k`` items with the smallest
     ``(u_i / (1 - u_i)) / (pi_i / (1 - pi_i))``, ``u_i`` i.i.d. uniform. One pass and a
-    top-k, but its inclusion probabilities only approximate ``pi``. The error
+    sort, but its inclusion probabilities only approximate ``pi``. The error
     ``max_i |P(i in S) - pi_i|``, measured with ``10**6`` draws for ``pi`` spread over
     [0.05, 0.95], is about 0.05 for n = 4, k = 2; 0.004 to 0.007 for n = 10, k = 3;
     0.001 to 0.002 for n = 30, k = 5; and below the sampling noise (0.002) for
@@ -32,16 +38,29 @@ sample holds exactly ``k`` items. :func:`pips_sample` offers three designs:
     ``pi = 0.25`` plus the phantom is drawn with probability 0.18) and is zero when
     all ``pi`` are equal.
 
-Conditional Poisson sampling (maximum entropy) is not provided: it is exact only after
-solving for its working probabilities, and its samplers (rejection, or an O(n k) table
-of conditional sizes) are no faster than Brewer's method here.
+``"conditional_poisson"`` (exact)
+    The maximum-entropy design of fixed size: ``P(S) ∝ prod_{i in S} w_i`` over the
+    subsets of size k, with working weights ``w`` solved (in float64, to about 1e-12, or
+    an error) so that the inclusion probabilities are ``pi``; exact sampling from the
+    dynamic programme's tables, drawing the items from the last to the first
+    (:mod:`khot.sampling.conditional_poisson`). Of all fixed-size designs with these
+    ``pi`` it has the largest entropy: the best second-order properties (joint inclusion
+    probabilities close to those of independent draws, all positive). Cost O(n k) time
+    and memory per solver step (about five to ten steps), several times Brewer's: prefer it
+    when the joint distribution matters and ``n k`` is moderate.
+    :func:`conditional_poisson_marginals` gives the design's inclusion probabilities for
+    given logits (the marginals SIMPLE trains with), differentiably.
 
 Gumbel top-k (perturb ``log pi`` with Gumbel noise, keep the top k) is **not** a πps
 design: it samples k items sequentially proportionally to ``pi`` without replacement,
 and its inclusion probabilities differ from ``pi`` (for ``pi = (0.9, 0.6, 0.3, 0.2)``,
 k = 2, it draws the first item with probability 0.77, not 0.9).
 
-Non-integer sums. A slice whose sum ``s`` is within ``1e-6 + s * eps`` of an integer
+Sample sizes. :func:`sample_khot` takes the size from ``k`` itself, in float64: exactly
+``k`` items for an integer ``k``, whatever the last digits of ``sum(pi)``; for a real
+``k``, ``ceil(k)`` items with probability ``frac(k)`` (to 2**-b, see below), else
+``floor(k)``. :func:`pips_sample` takes it from ``s = sum(pi)`` (summed in float64). A
+slice whose sum ``s`` is within ``1e-6 + s * eps`` of an integer
 (``eps`` the machine epsilon of ``pi.dtype``, i.e. within the rounding error of storing
 ``pi`` in that dtype) has size ``round(s)``: the small excess or shortfall is taken from
 or given to the fractional items, never to items with ``pi`` exactly 0 or 1. Otherwise a
@@ -76,7 +95,19 @@ comparison, not as a πps design.
 Guarantees (all designs): exactly the stated number of ones per slice; items with
 ``pi = 0`` are never drawn, items with ``pi = 1`` always. The exact designs work with
 ``pi`` rounded down to multiples of ``2**-b``, where ``b = min(52, 62 - bit_length(n + 1))``
-(``b = 45`` for n = 10**5), so they are exact up to that rounding.
+(``b = 45`` for n = 10**5; Brewer's and conditional Poisson's ``52 - bit_length(n + 1)``,
+38 for n = 10**4), so they are exact up to that rounding.
+
+Randomness and graphs. Every design is a custom op (:mod:`khot.sampling.designs`) whose
+randomness, ``(rows, n + 1)`` float64 uniforms, is drawn before it: from ``generator``, or
+from the global RNG inside an opaque op, so under ``torch.compile(fullgraph=True)`` the
+samplers make no graph break and draw exactly what eager calls draw after the same
+``torch.manual_seed``. A ``torch.Generator`` cannot enter a compiled graph (a PyTorch
+limitation): pass ``generator=None`` there (a ``TypeError`` says so). ``torch.vmap``
+joins the vmapped dimension to the rows (``randomness="different"`` or ``"same"``;
+``"error"`` raises, naming the random op). On ``device="meta"`` the output is made without
+data. Systematic and Pareto sampling run with no host synchronisation; Brewer's and
+conditional Poisson's loops read their number of draws (one synchronisation off the CPU).
 """
 
 from __future__ import annotations
@@ -138,10 +169,12 @@ def pips_sample(
             size is feasible.
         dim: the dimension holding the items; the other dimensions are a batch of
             independent slices.
-        design: ``"systematic"`` (exact, fast), ``"brewer"`` (exact, O(n k)) or
-            ``"pareto"`` (approximate); see the module docstring.
+        design: ``"systematic"`` (exact, fast), ``"brewer"`` (exact, O(n k)),
+            ``"conditional_poisson"`` (exact, maximum entropy, O(n k) per solver step) or
+            ``"pareto"`` (approximate); see the module docstring for when to prefer which.
         generator: the only source of randomness (on ``pi``'s device); the same
-            generator state gives the same sample. ``None`` uses the global RNG.
+            generator state gives the same sample. ``None`` uses the global RNG (and
+            is required under ``torch.compile``).
 
     Returns:
         A 0/1 tensor with the shape, dtype and device of ``pi``.
@@ -216,17 +249,20 @@ def sample_khot(
     k-hot ReinMax estimator (``method="pips"`` only).
 
     Args:
-        x: floating-point scores.
+        x: floating-point scores; ``±inf`` entries are items never / always drawn, NaN
+            is an error (``ValueError`` about ``x``, both methods).
         k: the sample size, ``0 <= k <= n``: a number or a per-slice tensor, as for
             :func:`khot.sigmoid_topk`. An integer ``k`` gives exactly ``k`` ones per slice;
-            a real ``k`` gives ``floor(k)`` or ``ceil(k)`` (``"pips"`` only: ``"gumbel"``
-            needs an int or an integer tensor).
+            a real ``k`` gives ``ceil(k)`` ones with probability ``frac(k)`` (computed in
+            float64 from ``k``, not from ``sum(π)``), else ``floor(k)`` (``"pips"`` only:
+            ``"gumbel"`` needs an int or an integer tensor).
         dim: the dimension holding the items.
         temperature: ``τ > 0`` of the sigmoid top-k (and of the Gumbel scores).
         design: the πps design of :func:`pips_sample` (``"pips"`` only).
         gradient: ``"straight_through"`` or ``"reinmax"``.
         method: ``"pips"`` or ``"gumbel"``.
-        generator: the only source of randomness; ``None`` uses the global RNG.
+        generator: the only source of randomness; ``None`` uses the global RNG (and is
+            required under ``torch.compile``: see the module docstring).
 
     Returns:
         A 0/1 tensor with the shape, dtype and device of ``x``, differentiable with

@@ -66,9 +66,9 @@ def working_logits(pi: Tensor, free: Tensor, size: Tensor) -> Tensor:
     logit(pi)``: with ``a = 1``, the Newton-type fixed point of Chen, Dempster and Liu (1994) in
     log-odds, which converges linearly (about ten steps to 1e-14 for n = 200, k = 20). A step that
     does not lower a row's error ``max_i |P(i in S) - pi_i|`` is refused and that row's ``a``
-    halved (the full step oscillates for k = 1 on two items); an accepted one doubles it back
-    towards 1. A row is done at error <= 1e-12, or at <= 1e-9 once a step is refused
-    (rounding); anything else raises ``RuntimeError`` (never a silent cap).
+    halved for good (the full step oscillates for k = 1 on two items, or k = n - 1). A row is done at error <= 1e-12, or at <= 1e-9 once a step is refused or
+    fails to halve the error (rounding); anything else raises ``RuntimeError`` (never a
+    silent cap).
     """
     target = torch.where(free, pi.logit(), 0.0)
     theta = torch.where(free, target, _NEG)
@@ -81,16 +81,18 @@ def working_logits(pi: Tensor, free: Tensor, size: Tensor) -> Tensor:
 
     err, step = evaluate(theta)
     alpha = torch.ones_like(err)
+    slow = torch.zeros_like(err, dtype=torch.bool)
     for _ in range(_MAX_ITER):
-        done = (err <= _TOL) | ((err <= _FLOOR) & (alpha < 1))
+        done = (err <= _TOL) | ((err <= _FLOOR) & ((alpha < 1) | slow))
         if bool(done.all()):
             return theta
         trial = torch.where(free, theta + alpha * step, _NEG)
         trial_err, trial_step = evaluate(trial)
         better = (trial_err < err) & ~done
+        slow = trial_err > err / 2
         theta = torch.where(better, trial, theta)
         err, step = torch.where(better, trial_err, err), torch.where(better, trial_step, step)
-        alpha = torch.where(better, (2 * alpha).clamp_max(1), alpha / 2)
+        alpha = torch.where(better, alpha, alpha / 2)
     raise RuntimeError(
         f"conditional Poisson: the working probabilities did not converge (max |P(i in S) - pi_i| = "
         f"{float(err.max()):.3g} after {_MAX_ITER} steps; do the probabilities sum to an integer?)"
@@ -140,8 +142,8 @@ def conditional_poisson_marginals(logits: Tensor, k, dim: int = -1) -> Tensor:
 
     >>> import torch
     >>> p = conditional_poisson_marginals(torch.tensor([0.0, 0.0, 1.0]), 2)
-    >>> p  # e_2 = 1 + 2e: P(item 3) = 2e / (1 + 2e)
-    tensor([0.5923, 0.5923, 0.8155])
+    >>> p  # e_2 = 1 + 2e: P(item 3) = 2e / (1 + 2e), the others (1 + e) / (1 + 2e)
+    tensor([0.5777, 0.5777, 0.8446])
     >>> float(p.sum())
     2.0
     """

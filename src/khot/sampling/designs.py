@@ -17,57 +17,52 @@ from torch import Tensor
 from .._backend import custom_op
 from . import conditional_poisson as _cp
 
-__all__ = ["OPS", "layout", "uniforms"]
+__all__ = ["OPS", "lengths", "uniforms"]
 
 
 def _fake(pi: Tensor, total: Tensor, u: Tensor) -> Tensor:
     return torch.empty_like(pi, dtype=torch.bool)
 
 
-def layout(pi: Tensor, total: Tensor, keys: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor, int]:
-    """Integer interval ends of the items of each row, in the order of ``keys``.
+def lengths(pi: Tensor, total: Tensor, bits: int) -> tuple[Tensor, Tensor, int]:
+    """Integer lengths of the items, in units of ``1 / M``, ``M = 2**b``,
+    ``b = min(52, bits - bit_length(n + 1))``, pinned to the sample size ``total``.
 
-    Items with ``pi = 1`` go first and ``pi = 0`` last (their keys are overwritten), the
-    others in the order of ``keys``. ``pi`` is rounded down to multiples of ``1 / M``,
-    ``M = 2**b``, ``b = min(52, bits - bit_length(n + 1))``. The lengths are then pinned so
-    that the real items cover exactly ``round(total * M)``: a shortfall fills the slack of the
-    first fractional items (up to ``M`` each; items with ``pi = 0`` come last and get nothing),
-    an excess truncates the last ones (items with ``pi = 1`` come first and keep ``M``).
-    Returns ``(ends, perm, c, b)``: ``ends`` (rows, n + 1) int64 with ``ends[:, 0]`` the
-    phantom's length ``c * M - round(total * M)`` and ``ends[:, i + 1]`` the end of the item at
-    ``perm[:, i]``; ``ends[:, -1] = c * M``, ``c`` (rows, 1) the sample size counting the
-    phantom, ``ceil(total)``.
+    ``pi`` is rounded down to a multiple of ``1 / M``; then the real items are made to cover
+    exactly ``round(total * M)``: a shortfall fills the slack of the first fractional items
+    (up to ``M`` each), an excess truncates the last ones; items with ``pi`` exactly 0 or 1
+    keep 0 or ``M``. Returns ``(lengths, c, b)``: ``lengths`` (rows, n + 1) int64 with column
+    0 a phantom item of length ``c * M - round(total * M)``, so each row sums to ``c * M``,
+    ``c`` (rows, 1) the sample size counting the phantom, ``ceil(total)``. No sort: O(n).
     """
     rows, n = pi.shape
     b = min(52, bits - (n + 1).bit_length())
     M = 1 << b
-    keys = keys.masked_fill(pi == 1, -1.0).masked_fill(pi == 0, 2.0)
-    perm = keys.argsort(dim=1)
-    ends = torch.zeros(rows, n + 1, dtype=torch.int64, device=pi.device)
-    ends[:, 1:] = pi.gather(1, perm).double().mul_(M)  # truncates: pi rounded down to a multiple of 1 / M
-    ends.cumsum_(1)
+    size = pi.double().mul(M).long()  # truncates
     whole = total.unsqueeze(1).floor()
     target = whole.long() * M + ((total.unsqueeze(1) - whole) * M).round().long()  # exact for the integer part
     c = (target + (M - 1)) >> b
-    have = ends[:, -1:].clone()
-    ends.add_((target - have).clamp_min_(0))
-    torch.minimum(ends, torch.arange(n + 1, device=pi.device).mul_(M), out=ends)
-    torch.minimum(ends, target, out=ends)
-    ends.add_(c * M - target)  # the phantom occupies [0, c * M - target)
-    return ends, perm, c, b
-
-
-def _unsort(x: Tensor, perm: Tensor) -> Tensor:
-    return torch.zeros(x.shape, dtype=x.dtype, device=x.device).scatter_(1, perm, x)
+    have = size.sum(1, keepdim=True)
+    fractional = (size > 0) & (size < M)
+    slack = torch.where(fractional, M - size, 0)
+    fill = ((target - have).clamp_min(0) - (slack.cumsum(1) - slack)).clamp_min(0)
+    room = torch.where(fractional, size, 0)
+    later = room.flip(1).cumsum(1).flip(1) - room
+    cut = ((have - target).clamp_min(0) - later).clamp_min(0)
+    size += torch.minimum(fill, slack) - torch.minimum(cut, room)
+    return torch.cat([c * M - target, size], dim=1), c, b
 
 
 def _systematic(pi: Tensor, total: Tensor, u: Tensor) -> Tensor:
+    """Systematic sampling in a random order (the argsort of ``u``'s first n columns)."""
     n = pi.shape[1]
-    ends, perm, _, b = layout(pi, total, u[:, :n], 62)
+    size, _, b = lengths(pi, total, 62)
     M = 1 << b
+    perm = u[:, :n].argsort(dim=1)
+    ends = torch.cat([size[:, :1], size[:, 1:].gather(1, perm)], dim=1).cumsum_(1)
     start = (u[:, n:] * M).long()  # uniform on {0, ..., M - 1}
     hits = ends.add_(M - 1 - start).bitwise_right_shift_(b)  # number of points start + j M below each end
-    return _unsort(hits[:, 1:] > hits[:, :-1], perm)
+    return torch.zeros(pi.shape, dtype=torch.bool, device=pi.device).scatter_(1, perm, hits[:, 1:] > hits[:, :-1])
 
 
 def _brewer(pi: Tensor, total: Tensor, u: Tensor) -> Tensor:
@@ -79,13 +74,11 @@ def _brewer(pi: Tensor, total: Tensor, u: Tensor) -> Tensor:
     weight 0; finished rows draw a dummy column.
     """
     rows, n = pi.shape
-    ends, perm, c, b = layout(pi, total, torch.zeros_like(pi), 52)
+    size, c, b = lengths(pi, total, 52)
     M = float(1 << b)
-    s = torch.zeros(rows, n + 2, dtype=torch.float64, device=pi.device)
-    s[:, : n + 1] = torch.diff(ends, dim=1, prepend=torch.zeros_like(ends[:, :1]))  # phantom at 0, dummy last
-    taken = torch.zeros(rows, n + 2, dtype=torch.bool, device=pi.device)
+    s = torch.cat([size.double(), torch.zeros(rows, 1, dtype=torch.float64, device=pi.device)], dim=1)  # dummy last
     ones = s == M
-    taken |= ones
+    taken = ones.clone()
     s.masked_fill_(ones, 0.0)
     left = s.sum(1, keepdim=True)  # the length still to cover: (draws still to make) * M
     draws = c - ones.sum(1, keepdim=True)
@@ -105,7 +98,7 @@ def _brewer(pi: Tensor, total: Tensor, u: Tensor) -> Tensor:
         taken.scatter_(1, pick, True)
         left -= s.gather(1, pick)
         s.scatter_(1, pick, 0.0)
-    return _unsort(taken[:, 1 : n + 1], perm)
+    return taken[:, 1 : n + 1].contiguous()
 
 
 def _pareto(pi: Tensor, total: Tensor, u: Tensor) -> Tensor:
@@ -122,15 +115,13 @@ def _pareto(pi: Tensor, total: Tensor, u: Tensor) -> Tensor:
 
 def _conditional_poisson(pi: Tensor, total: Tensor, u: Tensor) -> Tensor:
     n = pi.shape[1]
-    ends, perm, c, b = layout(pi, total, torch.zeros_like(pi), 52)
-    M = float(1 << b)
-    q = torch.diff(ends, dim=1, prepend=torch.zeros_like(ends[:, :1])).double() / M  # phantom at 0, exact
+    size, c, b = lengths(pi, total, 52)
+    q = size.double() / float(1 << b)  # phantom at 0; exact
     ones = q == 1
-    size = c - ones.sum(1, keepdim=True)
+    draws = c.squeeze(1) - ones.sum(1)
     free = (q > 0) & ~ones
-    theta = _cp.working_logits(torch.where(free, q, 0.5), free, size.squeeze(1))
-    taken = _cp.sample(theta, size.squeeze(1), u) | ones
-    return _unsort(taken[:, 1:], perm)
+    theta = _cp.working_logits(torch.where(free, q, 0.5), free, draws)
+    return (_cp.sample(theta, draws, u) | ones)[:, 1:].contiguous()
 
 
 def _uniform_body(like: Tensor, rows: int, cols: int) -> Tensor:
