@@ -22,7 +22,7 @@ _PALETTE = (
 )  # fmt: skip
 _KNOWN = (
     "sigmoid", "halving", "iterative", "counting", "entmax-budget", "torchsort-rank", "difftopk", "diffsort",
-    "sample (πps)", "sparse", "lapsum", "soft", "perturbed", "gumbel", "halving-base20", "topk_mask",
+    "sample (πps)", "sparse", "lapsum", "soft", "perturbed", "gumbel", "simple", "topk_mask", "halving-base20",
     "systematic", "brewer", "pareto", "conditional_poisson", "gumbel-topk", "keep_topk",
 )  # fmt: skip
 _MARKERS = "osD^v<>ph*XP"
