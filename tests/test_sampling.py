@@ -137,9 +137,10 @@ def test_low_precision_sigmoid_topk_gives_exactly_k(dtype, design):
     gen = torch.Generator().manual_seed(5)
     k = torch.tensor([[1.0], [3.0], [8.0], [20.0]])
     pi = sigmoid_topk(torch.randn(4, 50, generator=gen) * 3, k).to(dtype)
-    x = pips_sample(pi.repeat(500, 1), design=design, generator=gen)
+    copies = 50 if design == "conditional_poisson" else 500  # its solver costs ~30 ms a row on this CPU
+    x = pips_sample(pi.repeat(copies, 1), design=design, generator=gen)
     assert x.dtype == dtype
-    assert (x.sum(-1).view(500, 4) == k.view(1, 4)).all()
+    assert (x.sum(-1).view(copies, 4) == k.view(1, 4)).all()
 
 
 @pytest.mark.parametrize("design", DESIGNS)
