@@ -1,6 +1,6 @@
 """khot's exact top-k against the plain-PyTorch pattern, side by side in one run.
 
-The baseline is seed 000's pattern generalised to rows::
+The baseline is the hand-written pattern (topk, zeros, scatter) generalised to rows::
 
     mask:  zeros_like(x, dtype=bool).scatter_(dim, x.topk(k, dim).indices, True)
     keep:  x * zeros_like(x).scatter_(dim, x.topk(k, dim).indices, 1)
@@ -9,7 +9,7 @@ Each cell times baseline and khot alternately (median of the repeats) and measur
 the peak extra memory of one call (CPU: growth of the peak resident size, reset before the call;
 CUDA: ``torch.cuda.max_memory_allocated``). Ratios > 1 mean khot is faster/smaller.
 
-    python benchmarks/exact_topk.py              # the issue's grid, float32 and bfloat16
+    python benchmarks/exact_topk.py              # the benchmark grid, float32 and bfloat16
     python benchmarks/exact_topk.py --quick      # small shapes, a few seconds
     python benchmarks/exact_topk.py --clock thread   # one thread, CPU time: for an overloaded machine
     python benchmarks/exact_topk.py --sweep      # topk_mask speedups over slice lengths and k (2**22 elements)

@@ -1,4 +1,4 @@
-"""Peer packages a user would otherwise pick, called from their installed code (``pip install khot[peers]``).
+"""Peer packages a user would otherwise pick, called from their installed code (``pip install -e '.[peers]'`` from a clone).
 
 Each peer is adapted to khot's two shapes of problem, never re-implemented:
 
@@ -120,7 +120,10 @@ def select_methods() -> dict[str, tuple[str, object, object]]:
     }
 
 
+_PEERS_HINT = "pip install -e '.[peers]' from a clone of khot"
+
+
 def missing() -> list[str]:
     """One line per peer that is not installed."""
     hint = {"torchsort": "pip install torchsort --no-build-isolation"}
-    return [f"{name}: not installed ({hint.get(name, 'pip install khot[peers]')})" for name in PEERS if load(name) is None]
+    return [f"{name}: not installed ({hint.get(name, _PEERS_HINT)})" for name in PEERS if load(name) is None]

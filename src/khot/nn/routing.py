@@ -12,6 +12,7 @@ from ..exact import select_topk, topk_mask
 from ..relaxed.sigmoid import sigmoid_topk
 from ..sampling import sample_khot, straight_through
 from ._args import check_size
+from ._router_op import router_topk
 
 __all__ = ["RouterOutput", "TopKRouter"]
 
@@ -117,6 +118,9 @@ class TopKRouter(nn.Module):
         """``(scores, weights, indices)`` of the tokens' ``logits``: the one place that scores,
         chooses and weighs the experts (where a fused router kernel would plug in)."""
         scores = logits.softmax(-1) if self.score == "softmax" else logits.sigmoid()
+        if not (self.training and self.differentiable):  # the fused op (a Triton kernel on CUDA)
+            weights, indices, _ = router_topk(logits, self.k, self.score == "softmax", self.renormalize)
+            return scores, weights, indices
         key, gates = scores.detach(), scores
         if self.training and self.differentiable == "straight_through":
             soft = sigmoid_topk(logits, self.k, temperature=self.temperature)

@@ -1,6 +1,6 @@
 """Counting (linearized) top-k: soft ranks from pairwise comparisons.
 
-Item ``i`` is the ``j``-th best when ``j - 1`` items beat it, so (seed 001)
+Item ``i`` is the ``j``-th best when ``j - 1`` items beat it, so
 ``rank_i = 1 + sum_{j != i} h(s_j - s_i)`` with a step ``h``.  Replacing ``h`` by
 ``sigmoid(./temperature)`` gives smooth soft ranks; like integer ranks they sum to
 ``n (n + 1) / 2``.  Then, with the rank-space sharpness ``RANK_TEMPERATURE = 0.05``:

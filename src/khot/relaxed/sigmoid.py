@@ -390,7 +390,7 @@ def sigmoid_topk(x: Tensor, k: float | Tensor, dim: int = -1, *, temperature: fl
     entries (or that plus the finite ones). Cost: ``O(n)``, about eight reads of the input forward
     and six backward on typical inputs.
 
-    Example (the worked example of the guide, ``c ≈ 2.830074``):
+    Example (the worked example of Wijk et al., ``c ≈ 2.830074``, ``t = -c``):
 
     >>> import torch
     >>> x = torch.tensor([-4.5951, -2.1972, -3.1781, 0.0, -1.1527])
