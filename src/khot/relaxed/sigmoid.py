@@ -14,7 +14,9 @@ Three things make that hold:
 * the threshold ``t`` is a float64 per slice, and float32 inputs are evaluated as
   ``((x - t_hi) - t_lo) / τ`` with ``t = t_hi + t_lo`` split into a float32 head and tail:
   ``x - t_hi`` is exact for the entries near the threshold, which are the ones that matter;
-* the sums ``Σ p`` and ``Σ p²`` accumulate in float64;
+* the sums ``Σ p`` and ``Σ p²`` accumulate in float64, or (CPU path) in float32 where the
+  rounding bound of a pairwise sum, ``2**-24 ceil(log2 n) Σ p``, is below the tolerance; ``k > n / 2``
+  is solved as ``n - k`` for ``-x`` (then ``1 - p``), so the sums stay small;
 * the solver cannot stop early or at a cap. ``f(t) = Σ p`` is decreasing in ``t``. Each step
   is Halley's method on ``log f(c) = log k`` (``c = -t / τ``; ``f'' = Σ p - 3 Σ p² + 2 Σ p³``),
   where the sums behave like exponentials, so the step is nearly exact far from the root too
@@ -35,12 +37,12 @@ Start: a strided sub-sample of about 4096 entries gives the probit approximation
 root solved to the ~1e-3 it can represent.
 
 Backends (:mod:`khot._backend`): the op ``khot::sigmoid_topk_forward`` solves the slices. Its
-CPU path stops each solve as soon as every slice is done, saves the last evaluation of inputs of
-up to ``_SMALL`` elements where the remaining Newton step ``δ`` in ``c`` is small (below
-``sqrt(tol) / 2``: ``p + p (1 - p) δ`` is then ``p`` at the root to within ``δ² / 2``, below the
-tolerance; on larger inputs the temporary costs more than an evaluation), and skips work a slice does not need
-(the float32 tail ``t_lo`` when it is negligible, the data bounds of the bracket until a
-Halley step is refused); its portable path (every other device, meta tensors, and
+CPU path stops each solve as soon as every slice is done, saves the last evaluation of inputs
+of up to ``_SMALL`` elements where the remaining Newton step ``δ`` in ``c`` is small (below
+``sqrt(tol) / 2``: ``p + p (1 - p) δ`` is then ``p`` at the root to within ``δ² / 2``, below
+the tolerance; on larger inputs the temporary costs more than an evaluation), and skips work a
+slice does not need (the float32 tail ``t_lo`` when it is negligible, the data bounds of the
+bracket until a Halley step is refused); its portable path (every other device, meta tensors, and
 ``khot.use_backend("portable")``) has no host synchronisation: always the full
 ``2 + _HALLEY + 64`` evaluations, done slices frozen, so the same accuracy with fixed work.
 
@@ -49,9 +51,9 @@ Backward is closed-form (implicit function theorem, no solver): with ``w = p (1 
 
     grad_x = w (g - m) / τ,   grad_k = m,   grad_τ = -Σ w g (x - x̄) / τ²,  x̄ = Σ w x / S.
 
-Slices with ``S = 0`` (fully saturated) get zero gradients. The backward allocates one
-full-size tensor and rewrites it in place (``w / τ``, then ``w g / τ``, then the gradient),
-except when it is itself differentiated (``create_graph``).
+Slices with ``S = 0`` (fully saturated) get zero gradients. The common backward (no gradient in
+``τ``, not differentiated again) is the op ``khot::sigmoid_topk_backward``; it allocates one
+full-size tensor and rewrites it in place (``w / τ``, then ``w g / τ``, then the gradient).
 """
 
 from __future__ import annotations
