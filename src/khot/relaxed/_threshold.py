@@ -20,9 +20,13 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from khot._backend import custom_op
 from khot._checks import check_count, check_positive, check_real_count, check_tensor, normalize_dim
 
-__all__ = ["Rows", "work_dtype", "clamp_infinite", "finite_range_sorted", "largest_index", "shifted", "threshold_function"]
+__all__ = [
+    "Rows", "work_dtype", "clamp_infinite", "finite_range_sorted", "largest_index", "lower_bound", "keep_exact",
+    "threshold_op", "shifted", "threshold_function",
+]
 
 
 class Rows:
@@ -129,6 +133,24 @@ def lower_bound(rows: Tensor, k: Tensor, solve: Callable[[Tensor, Tensor], Tenso
     above = (sample > lo.to(sample.dtype)).sum(-1).max().item()
     count = math.ceil((above + 4 * math.sqrt(above) + 8) * n / m)
     return None if count > n * WINDOW else (lo, count)
+
+
+def keep_exact(out: Tensor, rows: Tensor, k: Tensor, top: Tensor, lo: Tensor, exact: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """Thresholds ``out`` (``(rows, 3)``) solved from the ``topk`` values ``top`` of ``rows`` above
+    ``lo`` (:func:`lower_bound`), kept where provably exact: the ``topk`` reached below ``lo`` and
+    ``t >= lo``; slices with ``+inf`` or NaN leaders, and the others, are solved by ``exact`` on
+    the whole row. The scores left out lie below ``t``, so the lower clamp bound becomes ``-inf``."""
+    valid = (top[:, -1] <= lo[:, 0]) & (out[:, 0] >= lo[:, 0]) & torch.isfinite(top[:, 0])
+    out[:, 1] = -torch.inf
+    if not bool(valid.all()):
+        out[~valid] = exact(rows[~valid], k[~valid])
+    return out
+
+
+def threshold_op(name: str, portable: Callable, cpu: Callable):
+    """The custom op ``khot::name`` of a threshold search: scores ``z (..., n)`` and ``k`` to
+    ``(t, lo, hi)`` per slice (float64, ``(..., 3)``), with its CPU path."""
+    return custom_op(name, portable, cpu=cpu, fake=lambda z, k: z.new_empty((*z.shape[:-1], 3), dtype=torch.float64))
 
 
 def shifted(z: Tensor, t: Tensor, inplace: bool = False) -> Tensor:

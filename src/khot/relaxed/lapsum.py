@@ -23,9 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from khot._backend import custom_op
-
-from ._threshold import Rows, finite_range_sorted, largest_index, lower_bound, shifted, threshold_function, work_dtype
+from ._threshold import Rows, finite_range_sorted, keep_exact, largest_index, lower_bound, shifted, threshold_function, threshold_op, work_dtype
 
 __all__ = ["DEFAULT_TEMPERATURE", "lapsum_topk"]
 
@@ -92,20 +90,10 @@ def _threshold_cpu(z: Tensor, k: Tensor) -> Tensor:
     low = torch.sub(rows, shift).clamp_(max=0).exp_().sum(-1, keepdim=True, dtype=torch.float64)
     low = (low - window.sum(-1, keepdim=True)).clamp(min=0)
     out = _core(torch.where(window, top, -torch.inf), kr, torch.log(low) + shift.to(torch.float64))
-    # exact where the topk reached below lo and t >= lo; slices with +inf or NaN take the full path
-    valid = (top[:, -1] <= lo[:, 0]) & (out[:, 0] >= lo[:, 0]) & torch.isfinite(top[:, 0])
-    out[:, 1] = -torch.inf  # the scores left out are below t (their p comes from F)
-    if not bool(valid.all()):
-        out[~valid] = _core(rows[~valid], kr[~valid])
-    return out.reshape(*z.shape[:-1], 3)
+    return keep_exact(out, rows, kr, top, lo, _core).reshape(*z.shape[:-1], 3)  # left-out scores: p from F
 
 
-_threshold = custom_op(
-    "lapsum_threshold",
-    _threshold_portable,
-    cpu=_threshold_cpu,
-    fake=lambda z, k: z.new_empty((*z.shape[:-1], 3), dtype=torch.float64),
-)
+_threshold = threshold_op("lapsum_threshold", _threshold_portable, _threshold_cpu)
 
 
 def _solve(x: Tensor, k: Tensor, tau: Tensor) -> Tensor:

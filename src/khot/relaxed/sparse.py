@@ -24,15 +24,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from khot._backend import custom_op
-
 from ._threshold import (
     Rows,
     finite_range_sorted,
+    keep_exact,
     largest_index,
+    lower_bound,
     shifted,
     threshold_function,
-    lower_bound,
+    threshold_op,
     work_dtype,
 )
 
@@ -94,20 +94,10 @@ def _threshold_cpu(z: Tensor, k: Tensor) -> Tensor:
     lo, count = bounds
     top = rows.topk(count, -1).values  # descending
     out = _threshold_portable(torch.where(top > lo, top, -torch.inf), kr)  # -inf: sorts first, weighs nothing
-    # exact where the topk reached below lo and t >= lo; slices with +inf or NaN take the full path
-    valid = (top[:, -1] <= lo[:, 0]) & (out[:, 0] >= lo[:, 0]) & torch.isfinite(top[:, 0])
-    out[:, 1] = -torch.inf  # the scores left out, -inf ones included, are zeros
-    if not bool(valid.all()):
-        out[~valid] = _threshold_portable(rows[~valid], kr[~valid])
-    return out.reshape(*z.shape[:-1], 3)
+    return keep_exact(out, rows, kr, top, lo, _threshold_portable).reshape(*z.shape[:-1], 3)  # left out: zeros
 
 
-_threshold = custom_op(
-    "sparse_threshold",
-    _threshold_portable,
-    cpu=_threshold_cpu,
-    fake=lambda z, k: z.new_empty((*z.shape[:-1], 3), dtype=torch.float64),
-)
+_threshold = threshold_op("sparse_threshold", _threshold_portable, _threshold_cpu)
 
 
 def _solve(x: Tensor, k: Tensor, tau: Tensor) -> Tensor:
