@@ -30,6 +30,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from ._checks import _readable
+
 __all__ = ["BACKENDS", "use_backend", "forced_backend", "custom_op", "call"]
 
 BACKENDS = ("portable", "cpu", "triton")
@@ -102,21 +104,15 @@ def custom_op(name: str, portable: Callable, *, cpu: Callable | None = None, fak
     return op
 
 
-def _traced(t: torch.Tensor) -> bool:
-    """Whether ``t`` is a stand-in without data (compile, vmap, fake or meta tensors)."""
-    is_batched = torch._C._functorch.is_batchedtensor
-    return t.device.type == "meta" or is_batched(t) or torch._subclasses.fake_tensor.is_fake(t)
-
-
 def call(op, *args):
     """Run ``op(*args)``, skipping the dispatcher's overhead (tens of µs) on plain eager calls.
 
-    Under ``torch.compile``, ``vmap`` and on fake or meta tensors the op itself runs (so the
-    compiler sees one opaque call); otherwise the backend it would pick runs directly. Only for
+    Under ``torch.compile``, ``torch.func`` transforms and on fake or meta tensors the op itself
+    runs (so the compiler sees one opaque call); otherwise the backend it would pick runs directly. Only for
     ops whose autograd lives outside them (an ``autograd.Function`` around the call).
     """
-    first = next(a for a in args if isinstance(a, torch.Tensor))
-    if torch.compiler.is_compiling() or any(_traced(a) for a in args if isinstance(a, torch.Tensor)):
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    if not all(_readable(t) for t in tensors):
         return op(*args)
-    device = first.device.type
+    device = tensors[0].device.type
     return op._khot_pick(device if device in ("cpu", "cuda") else "other")(*args)

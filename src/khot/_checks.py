@@ -26,26 +26,24 @@ __all__ = [
 ]
 
 
-def _inspectable(t: torch.Tensor) -> bool:
-    """Whether a tensor's values can be read here (not while compiling or inside vmap)."""
-    if torch.compiler.is_compiling():
-        return False
-    is_batched = getattr(torch._C._functorch, "is_batchedtensor", None)
-    return not (is_batched is not None and is_batched(t))
-
-
-def _has_data(t: torch.Tensor) -> bool:
-    return t.device.type != "meta" and not torch._subclasses.fake_tensor.is_fake(t)
+def _readable(t: torch.Tensor) -> bool:
+    """Whether ``t``'s values can be read here: a plain eager tensor with data (not while
+    compiling, not a ``torch.func``-wrapped tensor as in ``vmap`` or ``grad``, not fake or meta)."""
+    return not (
+        torch.compiler.is_compiling()
+        or torch._C._functorch.is_functorch_wrapped_tensor(t)
+        or t.device.type == "meta"
+        or torch._subclasses.fake_tensor.is_fake(t)
+    )
 
 
 def _check_range_now(t: torch.Tensor, name: str, low: float, high: float, open_low: bool, what: str) -> None:
     """Raise the ``ValueError`` of :func:`check_range` where ``t`` has values outside the range.
 
     Reads the values on the CPU; on other devices queues ``torch._assert_async`` (no host
-    synchronisation; the error surfaces at the next synchronisation); on meta and fake
-    tensors (no data) it checks nothing.
+    synchronisation; the error surfaces at the next synchronisation).
     """
-    if not t.numel() or not _has_data(t):
+    if not t.numel():
         return
     inside = (t > low) if open_low else (t >= low)
     inside = inside & ((t < high) if high == math.inf else (t <= high))  # also rejects NaN
@@ -84,7 +82,7 @@ def check_range(t: torch.Tensor, name: str, low: float, high: float, *, open_low
     ValueError: k must lie in [0, 8], got values from 3 to 9
     """
     what = what or f"lie in {'(' if open_low else '['}{low}, {high}{')' if high == math.inf else ']'}"
-    if _inspectable(t):
+    if _readable(t):
         _check_range_now(t, name, low, high, open_low, what)
         return t
     return _check_range_op(t, name, float(low), float(high), open_low, what)
