@@ -33,8 +33,11 @@ def _readable(t: torch.Tensor) -> bool:
         torch.compiler.is_compiling()
         or torch._C._functorch.is_functorch_wrapped_tensor(t)
         or t.device.type == "meta"
-        or torch._subclasses.fake_tensor.is_fake(t)
+        or (type(t) not in _PLAIN and torch._subclasses.fake_tensor.is_fake(t))  # fake tensors are a subclass
     )
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def _check_range_now(t: torch.Tensor, name: str, low: float, high: float, open_low: bool, what: str) -> None:

@@ -58,13 +58,14 @@ full-size tensor and rewrites it in place (``w / τ``, then ``w g / τ``, then t
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 from torch import Tensor
 
-from khot._backend import call, custom_op
-from khot._checks import check_positive, check_real_count, check_tensor, normalize_dim
+from khot._backend import apply, call, custom_op, forced_backend
+from khot._checks import _readable, check_positive, check_real_count, check_tensor, normalize_dim
 
 __all__ = ["sigmoid_topk"]
 
@@ -72,7 +73,9 @@ _HALLEY = 12  # Halley steps per solve at most; typical inputs take 1-2
 _BITS = 64  # bisections of a float64 bracket that reach adjacent doubles from any bracket
 _EVALUATIONS = 2 + _HALLEY + _BITS  # enough for every slice: the portable path's fixed work
 _SAMPLE = 4096  # target size of the strided sub-sample that gives the starting point
+_FAST = 3  # plain Halley evaluations of the CPU path before a slice goes to the bracketed solver
 _SMALL = 1 << 20  # up to this many elements a full-size temporary is cheaper than an evaluation
+_DOUBLE = 1 << 14  # up to this many elements the CPU path solves in float64
 _MAX = torch.finfo(torch.float64).max
 _R32 = 2.0**126  # 1 / τ is clamped here in float32 work (differences below 2**-126 are subnormal)
 _LOW_BITS = 0x7FFFFFFFFFFFFFFF
@@ -92,22 +95,37 @@ def _bisect(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
     return _key(mid).view(torch.float64), (mid == a) | (mid == b)
 
 
-def _evaluate(x: Tensor, t: Tensor, r: Tensor, out: Tensor | None, tail: bool, scale: float | None) -> Tensor:
-    """``sigmoid((x - t) * r)`` into ``out``; ``t`` and ``r`` (``±1 / τ``) float64 per slice.
+def _log(v: float | Tensor) -> float | Tensor:
+    return math.log(v) if isinstance(v, float) else v.log()
+
+
+def _logit(v: float | Tensor) -> float | Tensor:
+    return math.log(v / (1 - v)) if isinstance(v, float) else torch.logit(v)
+
+
+def _uniform(v: Tensor) -> float | Tensor:
+    """``v`` as a number when it is one value broadcast to every slice (then per-slice arithmetic
+    on it costs nothing), else ``v``."""
+    return float(v.reshape(-1)[0]) if v.numel() and all(s == 0 for s in v.stride()) else v
+
+
+def _evaluate(x: Tensor, t: Tensor, r: float | Tensor, out: Tensor | None, tail: bool) -> Tensor:
+    """``sigmoid((x - t) * r)`` into ``out``; ``t`` float64 per slice, ``r`` (``1 / τ``) a number or float64 per slice.
 
     In float32 the threshold is split, ``t = t_hi + t_lo``, so that ``x - t_hi`` is exact near
     the threshold; ``tail=False`` drops ``t_lo`` (the CPU path does so only where it is
-    negligible). ``scale``: ``r`` as one number when every slice has the same (cheaper).
+    negligible).
     """
     if x.dtype == torch.float64:
         t_hi, r_x = t, r
     else:
-        t_hi, r_x = t.clamp(-_F32, _F32).to(x.dtype), r.clamp(-_R32, _R32).to(x.dtype)
+        t_hi = t.clamp(-_F32, _F32).to(x.dtype)
+        r_x = min(r, _R32) if isinstance(r, float) else r.clamp(-_R32, _R32).to(x.dtype).unsqueeze(-1)
     out = torch.sub(x, t_hi.unsqueeze(-1), out=out)
-    if scale is None:
-        out.mul_(r_x.unsqueeze(-1))
-    elif scale != 1.0:
-        out.mul_(scale)
+    if not isinstance(r_x, float):
+        out.mul_(r_x if x.dtype != torch.float64 else r_x.unsqueeze(-1))
+    elif r_x != 1.0:
+        out.mul_(r_x)
     if tail and x.dtype != torch.float64:
         out.sub_(((t - t_hi.double()) * r).clamp(-_F32, _F32).to(x.dtype).unsqueeze(-1))
     return out.sigmoid_()
@@ -115,155 +133,264 @@ def _evaluate(x: Tensor, t: Tensor, r: Tensor, out: Tensor | None, tail: bool, s
 
 def _sums(p: Tensor, accurate: bool) -> tuple[Tensor, Tensor]:
     """``(Σ p, Σ p (1 - p))`` per slice in float64, accumulated in float64 where ``accurate``."""
-    if accurate or p.dtype == torch.float64:
+    if p.dtype == torch.float64:
+        f = p.sum(-1)
+        return f, (f - torch.linalg.vecdot(p, p)).clamp_(min=0)
+    if accurate:
         f = p.sum(-1, dtype=torch.float64)
         return f, (f - torch.linalg.vector_norm(p, dim=-1, dtype=torch.float64).square()).clamp_(min=0)
     f = p.sum(-1).double()
     return f, (f - torch.linalg.vector_norm(p, dim=-1).double().square()).clamp_(min=0)
 
 
-def _bounds(u: tuple[Tensor, Tensor], k: Tensor, r: Tensor, n: int) -> tuple[Tensor, Tensor]:
-    """``min(u) - L τ <= t <= max(u) - L τ`` with ``L = logit(k / n)``: ``f`` is ``>= k`` and ``<= k`` there."""
-    shift = torch.logit(k / n) / r
-    return (u[0] - shift).clamp(-_MAX, _MAX), (u[1] - shift).clamp(-_MAX, _MAX)
+class _Rule:
+    """When a slice is solved, and how its sums are taken.
 
-
-def _extremes(x: Tensor, sign: Tensor) -> tuple[Tensor, Tensor]:
-    """``min`` and ``max`` per slice of ``u = sign * x``, in float64."""
-    xmin, xmax = (v.double() for v in torch.aminmax(x, dim=-1))
-    return torch.where(sign > 0, xmin, -xmax), torch.where(sign > 0, xmax, -xmin)
-
-
-def _near(gap: Tensor, w: Tensor, close: float, c: Tensor) -> Tensor:
-    """Slices whose Newton step ``δ = gap / w`` in ``c`` is at most ``close`` and a step float64 can
-    take (well above ``ulp(c)``): then ``p + p (1 - p) δ`` is ``p`` at a float64 threshold."""
-    delta = (gap / w).abs()
-    return (delta <= close) & (delta >= 2.0**-32 * c.abs())
-
-
-def _iterate(
-    x: Tensor, k: Tensor, r: Tensor, sign: Tensor, t: Tensor, tol_w: float, tol_k: float, adaptive: bool
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Solve ``Σ sigmoid((u - t) r) = k`` per slice from ``t``, ``u = sign x``; return ``(p, t, Σ p)``.
-
-    ``k`` (``0 < k < n``), ``r > 0``, ``sign`` (±1) and ``t`` are float64 per slice. A slice is
-    done when ``|Σ p - k| <= min(tol_w Σ p (1 - p), tol_k max(1, k))`` or its bracket holds
-    adjacent doubles (NaN slices at once). ``adaptive`` stops when every slice is done and
-    computes only what a step needs (CPU): sums accumulate in float32 where their rounding
-    (at most ``2**-24 ceil(log2 n) Σ p``, pairwise) cannot matter, else in float64; otherwise
-    every evaluation runs, done slices frozen, float64 sums (no synchronisation).
+    "done": ``|Σ p - k| <= min(max(tol_w Σ p (1 - p), floor), tol_k max(1, k))`` (NaN slices too).
+    "near": the Newton step ``δ = (k - Σ p) / Σ p (1 - p)`` in ``c`` is at most ``close`` (then
+    :func:`_finish` makes the slice done) and one float64 can take (``δ >= 2**-32 |c|``, so that
+    the result is ``p`` at a float64 threshold; checked where ``|c| = |t r|`` may be large). On
+    the CPU path float32 sums accumulate in float32 and are redone in float64 for a batch where
+    their rounding could decide a slice that looks solved.
     """
-    n = x.shape[-1]
+
+    def __init__(self, x: Tensor, k: float | Tensor, tol_w: float, tol_k: float, adaptive: bool):
+        self.k, self.tol_w, self.adaptive = k, tol_w, adaptive
+        self.tol_k = math.inf if tol_k == math.inf else tol_k * (max(1.0, k) if isinstance(k, float) else k.clamp(min=1))
+        # |Σ p - k| below this is enough whatever Σ p (1 - p): on the way to the root every p moves the
+        # same way, so none moves by more than |Σ p - k| (where Σ p (1 - p) is tiny, on "staircases",
+        # the relative rule asks for more than the rounding of p near 1 lets a sum show)
+        self.floor = tol_w / 4
+        # float32 sums (CPU path) are accurate to 2**-24 ceil(log2 n) Σ p (pairwise); else float64
+        self.rounding = 2.0**-24 * math.ceil(math.log2(x.shape[-1] + 1)) if adaptive and x.dtype != torch.float64 else 0.0
+        # a Newton step δ in c from the root's neighbourhood misses it by at most δ² / 2 (|f''| <= f'),
+        # and p + p (1 - p) δ misses p(c + δ) by at most δ² / 20: both below the tolerance in p
+        self.close = math.sqrt(tol_w) / 2
+
+    def take(self, rows: Tensor) -> _Rule:
+        """The rule of the slices ``rows``."""
+        rule = object.__new__(_Rule)
+        rule.__dict__.update(self.__dict__, k=_take(self.k, rows), tol_k=_take(self.tol_k, rows))
+        return rule
+
+    def judge(self, p: Tensor, c: Tensor | None, near: bool = True, done: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+        """``(Σ p, Σ p (1 - p), k - Σ p, done, near)`` per slice of ``p`` (``done``/``near`` ``None`` unless asked)."""
+        f, w = _sums(p, accurate=not self.adaptive)
+        gap = self.k - f
+        status = self._status(gap, w, c, near, done)
+        if self.rounding and (near or done):
+            solved = status[1] if status[0] is None else status[0] if status[1] is None else status[0] | status[1]
+            if bool((solved & (self.rounding * 2 * f > self.tol_w * w)).any()):
+                f, w = _sums(p, accurate=True)
+                gap = self.k - f
+                status = self._status(gap, w, c, near, done)
+        return f, w, gap, *status
+
+    def _status(self, gap: Tensor, w: Tensor, c: Tensor | None, near: bool, done: bool) -> tuple[Tensor | None, Tensor | None]:
+        gap = gap.abs()
+        is_done = is_near = None
+        if done:
+            is_done = ~(gap > (self.tol_w * w).clamp_(min=self.floor))  # NaN slices are done
+            is_done = is_done if self.tol_k is math.inf else is_done & ~(gap > self.tol_k)
+        if near:
+            is_near = gap < self.close * w  # so w > 0
+            is_near = is_near if c is None else is_near & (gap >= 2.0**-32 * c.abs() * w)
+        return is_done, is_near
+
+
+def _finish(p: Tensor, t: Tensor, gap: Tensor, w: Tensor, near: Tensor, r: float | Tensor) -> tuple[Tensor, Tensor]:
+    """``(p, t)`` with the slices ``near`` moved by their Newton step ``δ = gap / w`` in ``c``: ``p + p (1 - p) δ``,
+    which is ``p`` at ``c + δ`` to within ``δ² / 20`` (in place)."""
+    delta = torch.where(near, gap / w, 0)
+    p.add_(torch.ops.aten.sigmoid_backward((delta if p.dtype == torch.float64 else delta.to(p.dtype)).unsqueeze(-1).expand_as(p), p))
+    return p, t - delta / r
+
+
+def _halley(p: Tensor, f: Tensor, w: Tensor, k: float | Tensor, r: float | Tensor, accurate: bool) -> Tensor:
+    """The step in ``t`` of Halley's method on ``log f(c) = log k`` (``c = -t r``; ``f'' = Σ p - 3 Σ p² + 2 Σ p³``).
+
+    The sums behave like exponentials, so it is nearly exact far from the root too. Halley's
+    correction of Newton's step, ``1 / (1 - b / 2)``, is limited to ``[2/3, 2]``. ``p`` is
+    overwritten (``p³``).
+    """
+    cubes = p.pow_(3).sum(-1, dtype=torch.float64 if accurate else None)
+    cubes = cubes if cubes.dtype == torch.float64 else cubes.double()
+    phi = f.log() - _log(k)
+    d1 = w / f
+    d1_sq = d1.square()
+    bend = torch.add(cubes, w, alpha=1.5).sub_(f).mul_(2).div_(f).sub_(d1_sq).mul_(phi).div_(d1_sq)  # f''/f - d1², times phi / d1²
+    return phi.div_(d1).div_(bend.clamp_(-1, 1).mul_(-0.5).add_(1)).div_(r)
+
+
+def _bounds(x: Tensor, k: float | Tensor, r: float | Tensor) -> tuple[Tensor, Tensor]:
+    """``min(x) - L τ <= t <= max(x) - L τ`` with ``L = logit(k / n)``: ``f`` is ``>= k`` and ``<= k`` there."""
+    shift = _logit(k / x.shape[-1]) / r
+    low, high = (v.double() for v in torch.aminmax(x, dim=-1))
+    return (low - shift).clamp(-_MAX, _MAX), (high - shift).clamp(-_MAX, _MAX)
+
+
+def _scale(t: Tensor, r: float | Tensor) -> float:
+    """``max |t r|``: where it is above 12 the float32 tail of ``t`` matters, above ``2**14`` float64's resolution of ``c``."""
+    return float((t.abs() * r).amax())
+
+
+def _iterate(x: Tensor, k: float | Tensor, r: float | Tensor, t: Tensor, rule: _Rule, adaptive: bool) -> tuple[Tensor, Tensor]:
+    """Solve ``Σ sigmoid((x - t) r) = k`` per slice from ``t`` inside a bracket; return ``(p, t)``.
+
+    ``k`` (``0 < k < n``) and ``r > 0`` are numbers or float64 per slice, ``t`` float64 per slice.
+    A slice is done by ``rule``, or when its bracket holds adjacent doubles; a NaN slice is NaN.
+    ``adaptive`` (CPU) stops when every slice is done and computes only what a step needs;
+    otherwise every evaluation runs, done slices frozen, float64 sums (no synchronisation).
+    """
     lo, hi = torch.full_like(t, -_MAX), torch.full_like(t, _MAX)
     if not adaptive:
-        lo, hi = _bounds(_extremes(x, sign), k, r, n)
+        lo, hi = _bounds(x, k, r)
     bounded = not adaptive
     previous = torch.full_like(t, math.inf)  # the last Halley step: the next must be at most half
     steps = torch.zeros_like(t)  # Halley steps taken
-    tol_k = tol_k * k.clamp(min=1)
-    rounding = 2.0**-24 * math.ceil(math.log2(n + 1))  # relative error bound of a float32 sum
-    # a Newton step δ in c from the root's neighbourhood misses it by at most δ² / 2 (|f''| <= f'),
-    # and p + p (1 - p) δ misses p(c + δ) by at most δ² / 20: both below the tolerance in p
-    close = math.sqrt(tol_w) / 2
     f_lo, f_hi = torch.full_like(t, math.inf), torch.full_like(t, math.inf)  # f at lo and hi
     final = torch.zeros_like(t, dtype=torch.bool)  # slices moved to the better end of adjacent doubles
-    rs = sign * r
-    first = rs.reshape(-1)[0]
-    scale = float(first) if adaptive and bool((rs == first).all()) else None
+    splits = torch.zeros_like(t)  # bisections taken: the CPU path alternates bit-pattern and arithmetic midpoints
+    budget = _EVALUATIONS + _BITS if adaptive else _EVALUATIONS
+    small = adaptive and x.numel() <= _SMALL
     p = None
-    for evaluation in range(1, _EVALUATIONS + 1):
+    for evaluation in range(1, budget + 1):
         # dropping t_lo moves p by |t_lo| r / 4 <= 2**-26 |t r| at most: the CPU path does where that is < 2e-7
-        tail = not adaptive or bool((t.abs() * r).amax() > 12)
-        p = _evaluate(x, sign * t, rs, p, tail, scale)
-        f, w = _sums(p, accurate=not adaptive)
-        done = final | ~(((k - f).abs() > tol_w * w) | ((k - f).abs() > tol_k))  # NaN slices are done
-        near = _near(k - f, w, close, t * r) & ~done  # one Newton step in p from the root (CPU path)
-        if adaptive and x.dtype != torch.float64 and bool(((done | near) & (rounding * 2 * f > tol_w * w)).any()):
-            f, w = _sums(p, accurate=True)  # a slice that looks done, but float32 sums cannot tell
-            done = final | ~(((k - f).abs() > tol_w * w) | ((k - f).abs() > tol_k))
-            near = _near(k - f, w, close, t * r) & ~done
-        gap = k - f
-        if adaptive and bool((done | near).all()) and bool(near.any()) and p.numel() <= _SMALL:
-            delta = torch.where(near, gap / w, 0)  # p(c + δ) = p + p (1 - p) δ + O(δ²)
-            p.add_(torch.ops.aten.sigmoid_backward(delta.to(p.dtype).unsqueeze(-1).expand_as(p), p))
-            t, f = t - delta / r, torch.where(near, k, f)
+        scale = _scale(t, r) if adaptive else math.inf
+        p = _evaluate(x, t, r, p, tail=scale > 12)
+        f, w, gap, done, near = rule.judge(p, t * r if scale > 2**14 else None, near=small)
+        done = done | final
+        if adaptive and bool((done if near is None else done | near).all()):
+            p, t = _finish(p, t, gap, w, near & ~done, r) if small else (p, t)
             break
         hi, f_hi = torch.where(gap > 0, t, hi), torch.where(gap > 0, f, f_hi)  # f decreases in t
         lo, f_lo = torch.where(gap < 0, t, lo), torch.where(gap < 0, f, f_lo)
-        if evaluation == _EVALUATIONS:  # every slice is done by now (see the module docstring)
-            if adaptive and not bool(done.all()):
+        if evaluation == budget:  # every slice is done by now (see the module docstring)
+            if adaptive:
                 raise RuntimeError("khot: sigmoid_topk's solver did not converge; please report this input")
             break
-        if adaptive and bool(done.all()):
-            break
-        # Halley's method on log f(c) = log k (c = -t r): the sums behave like exponentials, so it
-        # is nearly exact far from the root too; f'' = Σ p - 3 Σ p² + 2 Σ p³
-        cubes = p.pow_(3).sum(-1, dtype=None if adaptive else torch.float64).double()  # p is rewritten next
-        phi = f.log() - k.log()
-        d1 = w / f
-        d2 = (f - 3 * (f - w) + 2 * cubes) / f - d1.square()
-        newton_c = -phi / d1
-        bend = phi * d2 / d1.square()  # Halley's step is Newton's divided by 1 - bend / 2
-        step_c = torch.where(bend.abs() <= 1, newton_c / (1 - bend / 2), newton_c)
-        step = -step_c / r
+        step = _halley(p, f, w, k, r, accurate=not adaptive)
         new = t + step
         good = (new > lo) & (new < hi) & (step.abs() <= previous / 2) & (steps < _HALLEY)
         if not bounded and not bool((good | done).all()):
-            lo0, hi0 = _bounds(_extremes(x, sign), k, r, n)
+            lo0, hi0 = _bounds(x, k, r)
             lo, hi, bounded = torch.maximum(lo, lo0), torch.minimum(hi, hi0), True
             good = good & (new > lo) & (new < hi)
         if adaptive and bool((good | done).all()):
             t = torch.where(done, t, new)
         else:  # bisect where Halley is refused; where lo and hi are adjacent, take the better one
             mid, adjacent = _bisect(lo, hi)
+            if adaptive:  # the arithmetic midpoint every other time: far fewer steps on brackets that hold 0
+                mid = torch.where((splits % 2 == 1) & ~adjacent, lo / 2 + hi / 2, mid)
+                splits = splits + ~good
             adjacent = adjacent & ~done & ~good
-            better = torch.where((f_lo - k).abs() <= (f_hi - k).abs(), lo, hi)
+            better = torch.where((f_lo - rule.k).abs() <= (f_hi - rule.k).abs(), lo, hi)
             t = torch.where(done, t, torch.where(good, new, torch.where(adjacent, better, mid)))
             final = final | adjacent
         previous = torch.where(good, step.abs(), math.inf)
         steps = steps + good
-    return p, t, f
+    return p.masked_fill_(gap.isnan().unsqueeze(-1), math.nan), t  # a NaN anywhere makes the slice NaN
 
 
-def _start(x: Tensor, k: Tensor, r: Tensor, sign: Tensor, adaptive: bool) -> Tensor:
-    """A starting threshold per slice (float64, in ``u = sign x``) from a strided sub-sample (see the module docstring)."""
+def _refine(x: Tensor, k: float | Tensor, r: float | Tensor, t: Tensor, rule: _Rule) -> tuple[Tensor, Tensor]:
+    """CPU: ``_iterate``'s result, first by up to ``_FAST`` plain Halley steps from ``t``.
+
+    Most slices are within one Newton step in ``p`` of the root after one or two Halley steps
+    from the start; the bracket, its bookkeeping and the refused-step rules cost more than those
+    steps on short slices. Slices that are not there after ``_FAST`` evaluations (staircases of
+    scores, extreme ranges, sharp temperatures, NaN) are solved by ``_iterate`` from whichever
+    evaluated threshold had ``Σ p`` closest to ``k`` in ratio, so the same rule and the same
+    guarantees hold for every slice.
+    """
+    small = x.numel() <= _SMALL  # a full-size temporary costs more than an evaluation
+    scaled = x.dtype != torch.float64 or rule.tol_w < 1e-6  # the float32 tail, or float64's resolution of c
+    p, tried, solved = None, [], None
+    for evaluation in range(_FAST):
+        scale = _scale(t, r) if scaled else 0.0
+        p = _evaluate(x, t, r, p, tail=scale > 12)
+        # short slices end one Newton step from the root, long ones take steps until done; the start
+        # itself is never taken (one more step costs less than the check)
+        f, w, gap, done, near = rule.judge(p, t * r if scale > 2**14 else None, near=small and evaluation > 0, done=not small and evaluation > 0)
+        tried.append((t, f))
+        if evaluation:
+            solved = near if small else done
+            all_solved = bool(solved.all())
+            if all_solved or evaluation == _FAST - 1:
+                break
+        new = t + _halley(p, f, w, k, r, accurate=False)
+        t = torch.where(~new.isfinite() if solved is None else solved | ~new.isfinite(), t, new)  # not finite where w = 0: left to _iterate
+    if small:
+        p, t = _finish(p, t, gap, w, solved, r)
+    if not all_solved:
+        rows = (~solved).nonzero().squeeze(-1)
+        kr = _take(k, rows)
+        start, miss = tried[0][0][rows], (tried[0][1][rows] / kr).log().abs()
+        for t_i, f_i in tried[1:]:
+            off = (f_i[rows] / kr).log().abs()
+            start, miss = torch.where(off < miss, t_i[rows], start), torch.fmin(off, miss)
+        p[rows], t[rows] = _iterate(x[rows], kr, _take(r, rows), start, rule.take(rows), adaptive=True)
+    return p, t
+
+
+def _take(v: float | Tensor, rows: Tensor) -> float | Tensor:
+    return v if isinstance(v, float) else v[rows]
+
+
+def _start(x: Tensor, k: float | Tensor, r: float | Tensor, adaptive: bool) -> Tensor:
+    """A starting threshold per slice (float64) from a strided sub-sample (see the module docstring)."""
     n = x.shape[-1]
     stride = max(1, n // _SAMPLE)
     sample = x[..., ::stride]
     mean = sample.mean(-1, keepdim=True)
-    dev = (sample - mean).abs_().mean(-1).double() * math.sqrt(math.pi / 2)  # the std for normal data; tails do not blow it up
-    spread = (1 + math.pi / 8 * (dev * r).square()).sqrt()  # the probit approximation
-    t = (sign * mean.squeeze(-1).double() - torch.logit(k / n) * spread / r).nan_to_num(0.0, 0.0, 0.0)  # ±inf in the sample
+    dev = (sample - mean).abs_().mean(-1).to(torch.float64)  # the mean absolute deviation: tails do not blow it up
+    # the probit approximation: the mean of sigmoid((z - t) / τ) over normal z (mean μ, deviation s,
+    # about dev sqrt(π / 2)) is about sigmoid((μ - t) / sqrt(τ² + π s² / 8))
+    spread = dev.square_().mul_(math.pi**2 / 16).add_(1 / r**2 if isinstance(r, float) else r.square().reciprocal()).sqrt_()
+    t = mean.squeeze(-1).to(torch.float64).sub_(spread.mul_(_logit(k / n))).nan_to_num_(0.0, 0.0, 0.0)  # ±inf in the sample
     if stride > 1:  # solved only as finely as the sub-sample represents the whole
         m = sample.shape[-1]
-        t = _iterate(sample.contiguous(), k * (m / n), r, sign, t, math.inf, 1e-3, adaptive)[1].nan_to_num(0.0, 0.0, 0.0)
+        sample, km = sample.contiguous(), k * (m / n)
+        rule = _Rule(sample, km, math.inf, 1e-3, adaptive)
+        t = (_refine(sample, km, r, t, rule) if adaptive else _iterate(sample, km, r, t, rule, False))[1].nan_to_num(0.0, 0.0, 0.0)
     return t
 
 
-def _solve(x: Tensor, k: Tensor, inv_tau: Tensor, adaptive: bool) -> Tensor:
+def _solve(x: Tensor, k: float | Tensor, inv_tau: float | Tensor, adaptive: bool) -> Tensor:
     """``sigmoid((x - t) / τ)`` summing to ``k`` along the last dim, in ``x``'s dtype.
 
-    ``x`` is ``(..., n)``; ``k`` (float64, may be 0 or n: exact limits) and ``inv_tau``
-    (``1 / τ``, float64) are per slice. ``k > n / 2`` is solved as ``n - k`` for ``-x`` (then
-    ``1 - p``), so the sums stay small and accurate.
+    ``x`` is ``(..., n)``; ``k`` (may be 0 or n: exact limits) and ``inv_tau`` (``1 / τ``) are
+    numbers or float64 per slice. ``k > n / 2`` is solved as ``n - k`` for ``-x`` (then ``1 - p``),
+    so the sums stay small and accurate. The CPU path (``adaptive``) solves inputs of up to
+    ``_DOUBLE`` elements in float64: there the cost is per op, not per element, and float64
+    needs neither the split threshold nor float32 sums' checks.
     """
     n = x.shape[-1]
     if x.numel() == 0:
         return torch.empty_like(x)
     work = x if x.dtype in (torch.float32, torch.float64) else x.float()
-    edge = (k <= 0) | (k >= n)
-    flip = k > n / 2
-    sign = torch.where(flip, -1.0, 1.0).to(torch.float64)
-    target = torch.where(edge, n / 2, torch.minimum(k, n - k))
-    tol_w, tol_k = (1e-10, 5e-10) if work.dtype == torch.float64 else (4e-6, math.inf)
-    t = _start(work, target, inv_tau, sign, adaptive)
-    p, _, f = _iterate(work, target, inv_tau, sign, t, tol_w, tol_k, adaptive)
-    if not adaptive or bool(flip.any()):
-        p = torch.where(flip.unsqueeze(-1), 1 - p, p) if not adaptive or not bool(flip.all()) else p.neg_().add_(1)
-    nan = f.isnan()  # a NaN anywhere makes the slice NaN
-    if not adaptive or bool(nan.any()):
-        p = p.masked_fill(nan.unsqueeze(-1), math.nan)
-    if not adaptive or bool(edge.any()):
+    if adaptive:  # one value for every slice: per-slice arithmetic on numbers
+        k, inv_tau = (_uniform(v) if isinstance(v, Tensor) else v for v in (k, inv_tau))
+        work = work.double() if x.numel() <= _DOUBLE else work
+    if isinstance(k, float):
+        edge, flip = k <= 0 or k >= n, k > n / 2
+        target = n / 2 if edge else min(k, n - k)
+        work = -work if flip else work
+    else:
+        edge, flip = (k <= 0) | (k >= n), k > n / 2
+        target = torch.where(edge, n / 2, torch.minimum(k, n - k))
+        if not adaptive or bool(flip.any()):
+            work = torch.where(flip.unsqueeze(-1), -work, work)
+    tol_w, tol_k = (1e-10, 5e-10) if x.dtype == torch.float64 else (4e-6, math.inf)
+    t = _start(work, target, inv_tau, adaptive)
+    rule = _Rule(work, target, tol_w, tol_k, adaptive)
+    p = (_refine if adaptive else functools.partial(_iterate, adaptive=False))(work, target, inv_tau, t, rule)[0]
+    if isinstance(flip, bool):
+        p = p.neg_().add_(1) if flip else p
+    elif not adaptive or bool(flip.any()):
+        p = torch.where(flip.unsqueeze(-1), 1 - p, p)
+    if isinstance(edge, bool):
+        p = p.fill_(k / n) if edge else p
+    elif not adaptive or bool(edge.any()):
         p = torch.where(edge.unsqueeze(-1), (k / n).unsqueeze(-1).to(p.dtype), p)
     return p.to(x.dtype)
 
@@ -295,6 +422,8 @@ class _SigmoidTopK(torch.autograd.Function):
 
     @staticmethod
     def forward(x: Tensor, k: float | Tensor, temperature: float | Tensor) -> Tensor:
+        if not isinstance(k, Tensor) and not isinstance(temperature, Tensor) and x.device.type == "cpu" and _readable(x) and forced_backend() in (None, "cpu"):
+            return _forward_cpu(x, k, 1 / temperature)  # a plain eager CPU call: the CPU path, on numbers
         batch = x.shape[:-1]
         kd = torch.as_tensor(k, dtype=torch.float64, device=x.device).expand(batch)
         r = torch.as_tensor(temperature, dtype=torch.float64, device=x.device).reciprocal().expand(batch)
@@ -406,7 +535,7 @@ def sigmoid_topk(x: Tensor, k: float | Tensor, dim: int = -1, *, temperature: fl
     """
     check_tensor("x", x, floating=True)
     d = normalize_dim(dim, x.dim())
-    xm = x.unsqueeze(0) if x.dim() == 0 else x.movedim(d, -1)
+    xm = x.unsqueeze(0) if x.dim() == 0 else x if d == x.dim() - 1 else x.movedim(d, -1)
     batch = xm.shape[:-1]
     k = check_real_count(k, xm.shape[-1], batch, x.device)
     temperature = check_positive("temperature", temperature)
@@ -420,5 +549,5 @@ def sigmoid_topk(x: Tensor, k: float | Tensor, dim: int = -1, *, temperature: fl
                 f"temperature has shape {tuple(temperature.shape)}, which does not broadcast to the shape "
                 f"of the input with the reduced dimension removed, {tuple(batch)}"
             ) from None
-    p = _SigmoidTopK.apply(xm, k, temperature)
-    return p.squeeze(0) if x.dim() == 0 else p.movedim(-1, d)
+    p = apply(_SigmoidTopK, xm, k, temperature)
+    return p.squeeze(0) if x.dim() == 0 else p if d == x.dim() - 1 else p.movedim(-1, d)
