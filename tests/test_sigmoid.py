@@ -418,3 +418,58 @@ def test_opcheck():
     p = sigmoid_topk(x, 2.5, temperature=0.5)
     torch.library.opcheck(_backward_op, (p, torch.randn(3, 9), r))
     torch.library.opcheck(_backward_op, (p, torch.randn(3, 9), torch.tensor(2.0, dtype=torch.float64)))
+
+
+def count_evaluations(monkeypatch, fn):
+    """Run ``fn`` and return how many times the solver evaluated ``sigmoid`` over rows (all sizes)."""
+    import khot.relaxed.sigmoid as module
+
+    calls = []
+    evaluate = module._evaluate
+    monkeypatch.setattr(module, "_evaluate", lambda *args, **kwargs: calls.append(1) or evaluate(*args, **kwargs))
+    fn()
+    return len(calls)
+
+
+@pytest.mark.parametrize("tau", [0.1, 0.01, 1e-4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sharp_temperatures_take_few_evaluations(monkeypatch, tau, dtype):
+    # scores many τ apart are a staircase: Σ p (1 - p) is tiny at the root and the rounding of p
+    # near 1 hides |Σ p - k| below ~1e-7, so a purely relative tolerance bisected to adjacent
+    # doubles (60-75 evaluations); the absolute floor stops at what the dtype can show
+    g = torch.Generator().manual_seed(11)
+    for x, k in ((5 * torch.randn(64, 1000, generator=g), 10), (torch.randn(4096, 64, generator=g), 2)):
+        x = x.to(dtype)
+        evaluations = count_evaluations(monkeypatch, lambda: sigmoid_topk(x, k, temperature=tau))
+        assert evaluations <= 26, evaluations  # was 19-72 (12-25 now)
+        check_accuracy(x[:8], k, tau)
+
+
+def test_fast_lane_and_bracketed_solver_agree_within_one_batch():
+    # one batch whose rows split between the fast lane (smooth rows) and the bracketed solver
+    # (staircases, NaN, ±inf, a huge range): every row as accurate as when solved alone
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(6, 300, generator=g, dtype=torch.float64)
+    x[1] = torch.randint(-3, 3, (300,), generator=g).double() * 1e3
+    x[2, 7] = math.nan
+    x[3, :100] = -math.inf
+    x[4] = torch.randn(300, generator=g, dtype=torch.float64) * 1e8
+    k = torch.tensor([5.0, 17.5, 3.0, 40.25, 100.0, 150.0], dtype=torch.float64)
+    for dtype in (torch.float32, torch.float64):
+        xs = x.to(dtype)
+        p = sigmoid_topk(xs, k, temperature=0.5)
+        assert p[2].isnan().all() and not p[[0, 1, 3, 4, 5]].isnan().any()
+        rows = [0, 1, 3, 4, 5]
+        for i in rows:
+            torch.testing.assert_close(p[i], sigmoid_topk(xs[i : i + 1], k[i : i + 1], temperature=0.5)[0], atol=2e-6, rtol=0)
+        check_accuracy(xs[rows], k[rows], 0.5)
+
+
+def test_small_inputs_solved_in_float64_agree_with_large_batches():
+    # inputs of up to 2**14 elements are solved in float64 on the CPU, larger ones in float32:
+    # the same rows give the same answer to float32 accuracy either way
+    x = torch.randn(300, 100, generator=torch.Generator().manual_seed(13))
+    big = sigmoid_topk(x, 7.5, temperature=0.3)
+    small = torch.cat([sigmoid_topk(x[i : i + 50], 7.5, temperature=0.3) for i in range(0, 300, 50)])
+    torch.testing.assert_close(big, small, atol=2e-6, rtol=0)
+    check_accuracy(x[:50], 7.5, 0.3)

@@ -25,11 +25,16 @@ Three things make that hold:
   previous one (else, on "staircases" of scores many ``τ`` apart, it would creep one stair at a
   time), at most ``_HALLEY`` times; otherwise the bracket is bisected on the bit pattern of its
   float64 ends, which reaches adjacent doubles from any bracket in at most 64 steps. A slice is
-  done when ``|Σ p - k|`` is below its tolerance (float32: ``4e-6 Σ p (1 - p)``, so ``p`` moves
-  by at most ``1e-6``; float64: that with ``1e-10`` and ``5e-10 max(1, k)``) or when its bracket
-  holds two adjacent doubles: then it takes the one whose sum is closer to ``k``, the best
-  float64 allows (e.g. ``|x / τ| ~ 1e30`` leaves no threshold between two scores). So at most
-  ``2 + _HALLEY + 64`` evaluations, and typically 2 or 3.
+  done when ``|Σ p - k|`` is below its tolerance (float32: ``max(4e-6 Σ p (1 - p), 1e-6)``;
+  float64: ``max(1e-10 Σ p (1 - p), 2.5e-11)``, and at most ``5e-10 max(1, k)``). Either bound
+  holds ``p`` within about ``1e-6`` (float32) of the root: ``4e-6 Σ p (1 - p)`` moves ``c`` by
+  ``4e-6`` at most, and on the way to the root every ``p`` moves the same way, so none moves by
+  more than ``|Σ p - k|``. The absolute floor matters at sharp temperatures, where
+  ``Σ p (1 - p)`` is tiny and the relative bound asks for more than the rounding of ``p`` near
+  1 lets any sum show. A slice whose bracket holds two adjacent doubles takes the one whose sum
+  is closer to ``k``, the best float64 allows (e.g. ``|x / τ| ~ 1e30`` leaves no threshold
+  between two scores). So at most ``2 + _HALLEY + 64`` evaluations (on the CPU path, which
+  also bisects arithmetically, at most 64 more, after its fast lane's ``_FAST``).
 
 Start: a strided sub-sample of about 4096 entries gives the probit approximation (the mean of
 ``sigmoid(z + c)`` over normal ``z`` with mean ``μ`` and deviation ``s`` is about
@@ -37,14 +42,23 @@ Start: a strided sub-sample of about 4096 entries gives the probit approximation
 root solved to the ~1e-3 it can represent.
 
 Backends (:mod:`khot._backend`): the op ``khot::sigmoid_topk_forward`` solves the slices. Its
-CPU path stops each solve as soon as every slice is done, saves the last evaluation of inputs
-of up to ``_SMALL`` elements where the remaining Newton step ``δ`` in ``c`` is small (below
-``sqrt(tol) / 2``: ``p + p (1 - p) δ`` is then ``p`` at the root to within ``δ² / 2``, below
-the tolerance; on larger inputs the temporary costs more than an evaluation), and skips work a
-slice does not need (the float32 tail ``t_lo`` when it is negligible, the data bounds of the
-bracket until a Halley step is refused); its portable path (every other device, meta tensors, and
-``khot.use_backend("portable")``) has no host synchronisation: always the full
-``2 + _HALLEY + 64`` evaluations, done slices frozen, so the same accuracy with fixed work.
+portable path (every device without a kernel, meta tensors, ``khot.use_backend("portable")``)
+has no host synchronisation: always the full ``2 + _HALLEY + 64`` evaluations, done slices
+frozen, float64 sums. The CPU path is built for the short rows of training loops, where the
+cost is per tensor op rather than per element:
+
+* one value of ``k`` and ``τ`` for every slice is kept as a Python number, and inputs of up to
+  ``_DOUBLE`` elements are solved in float64 (no split threshold, no checks on float32 sums);
+* a fast lane takes plain Halley steps from the start and ends, typically after the second
+  evaluation, with one Newton step in ``p`` for slices where that step ``δ`` in ``c`` is below
+  ``sqrt(tol) / 2`` (``p + p (1 - p) δ`` is then ``p`` at the root to within ``δ² / 2``, below the
+  tolerance; inputs of more than ``_SMALL`` elements step until done instead, as the temporary
+  costs more than an evaluation there);
+* slices the fast lane leaves (staircases, sharp temperatures, NaN) go to the bracketed solver
+  above, from the best threshold the fast lane evaluated; it stops when every slice is done,
+  bisects arithmetically every other time (bit-pattern bisection of a bracket that holds 0
+  first dives to tiny magnitudes) and sums in float32 where the rounding bound of a pairwise
+  sum, ``2**-24 ceil(log2 n) Σ p``, is below the tolerance.
 
 Backward is closed-form (implicit function theorem, no solver): with ``w = p (1 - p)``,
 ``S = Σ w`` and ``m = Σ w g / S`` for an incoming gradient ``g``::
@@ -442,24 +456,30 @@ class _SigmoidTopK(torch.autograd.Function):
     def backward(ctx, grad):
         p, x, tau = ctx.saved_tensors
         tau_grad = ctx.tau_is_tensor and ctx.needs_input_grad[2]
-        inv = tau.reciprocal() if ctx.tau_is_tensor else torch.tensor(1 / ctx.temperature, dtype=torch.float64, device=p.device)
+        inv = tau.reciprocal() if ctx.tau_is_tensor else 1 / ctx.temperature
         if tau_grad or torch.is_grad_enabled():  # differentiated again (create_graph), or a gradient in τ
             grad_x, m, grad_tau = _backward(p, grad, inv, x if tau_grad else None, inplace=not torch.is_grad_enabled())
-        else:
+        else:  # the op; on a plain eager call its implementation runs directly, on numbers
+            inv = inv if isinstance(inv, Tensor) or _readable(grad) else torch.tensor(inv, dtype=torch.float64, device=p.device)
             (grad_x, m), grad_tau = call(_backward_op, p, grad, inv), None
         grad_k = m.to(ctx.k_dtype) if ctx.k_is_tensor and ctx.needs_input_grad[1] else None
         return grad_x, grad_k, None if grad_tau is None else grad_tau.to(tau.dtype)
 
 
-def _backward(p: Tensor, grad: Tensor, inv_tau: Tensor, x: Tensor | None, inplace: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+def _backward(p: Tensor, grad: Tensor, inv_tau: float | Tensor, x: Tensor | None, inplace: bool) -> tuple[Tensor, Tensor, Tensor | None]:
     """``(grad_x, grad_k, grad_τ)`` for the output ``p``, the incoming ``grad`` and ``1 / τ``
-    (a number or per slice); ``grad_τ`` only when ``x`` is given. ``inplace`` rewrites one
-    full-size buffer: ``w / τ``, then ``w g / τ``, then the gradient ``w (g - m) / τ``."""
+    (a number, or a tensor of one or per-slice values); ``grad_τ`` only when ``x`` is given.
+    ``inplace`` rewrites one full-size buffer: ``w / τ``, then ``w g / τ``, then the gradient
+    ``w (g - m) / τ``."""
     dtype = p.dtype if p.dtype == torch.float64 else torch.float32
-    p, g = p.to(dtype), grad.to(dtype)
-    inv = inv_tau.to(dtype)
-    inv = inv.unsqueeze(-1) if inv.dim() else inv
-    a = torch.ops.aten.sigmoid_backward(inv.expand_as(p), p)
+    p, g = (v if v.dtype == dtype else v.to(dtype) for v in (p, grad))
+    if isinstance(inv_tau, Tensor):
+        inv = inv_tau.to(dtype)
+        inv = inv.unsqueeze(-1) if inv.dim() else inv
+        scale = inv.expand_as(p)
+    else:
+        inv, scale = inv_tau, p.new_full((), inv_tau).expand_as(p)
+    a = torch.ops.aten.sigmoid_backward(scale, p)
     out = a if inplace else None
     s = a.sum(-1)
     safe = torch.where(s > 0, s, 1)
@@ -472,12 +492,13 @@ def _backward(p: Tensor, grad: Tensor, inv_tau: Tensor, x: Tensor | None, inplac
     m = a.sum(-1) / safe
     if x is not None:
         grad_tau = (m * residual - torch.linalg.vecdot(a, xc)) * inv.squeeze(-1)
-    a = torch.sub(g, m.unsqueeze(-1), out=out).mul_(inv) if inplace else (g - m.unsqueeze(-1)) * inv
+    a = torch.sub(g, m.unsqueeze(-1), out=out)
+    a = a if isinstance(inv, float) and inv == 1.0 else a.mul_(inv) if inplace else a * inv
     if inplace:
         grad_x = torch.ops.aten.sigmoid_backward.grad_input(a, p, grad_input=a)
     else:
         grad_x = torch.ops.aten.sigmoid_backward(a, p)
-    return grad_x.to(grad.dtype), m, grad_tau
+    return grad_x if grad_x.dtype == grad.dtype else grad_x.to(grad.dtype), m, grad_tau
 
 
 def _backward_portable(p: Tensor, grad: Tensor, inv_tau: Tensor) -> tuple[Tensor, Tensor]:
