@@ -295,7 +295,7 @@ def _iterate(x: Tensor, k: float | Tensor, r: float | Tensor, t: Tensor, rule: _
         else:  # bisect where Halley is refused; where lo and hi are adjacent, take the better one
             mid, adjacent = _bisect(lo, hi)
             if adaptive:  # the arithmetic midpoint every other time: far fewer steps on brackets that hold 0
-                mid = torch.where((splits % 2 == 1) & ~adjacent, lo / 2 + hi / 2, mid)
+                mid = torch.where((splits % 2 == 0) & ~adjacent, lo / 2 + hi / 2, mid)
                 splits = splits + ~good
             adjacent = adjacent & ~done & ~good
             better = torch.where((f_lo - rule.k).abs() <= (f_hi - rule.k).abs(), lo, hi)
@@ -338,10 +338,11 @@ def _refine(x: Tensor, k: float | Tensor, r: float | Tensor, t: Tensor, rule: _R
     if not all_solved:
         rows = (~solved).nonzero().squeeze(-1)
         kr = _take(k, rows)
-        start, miss = tried[0][0][rows], (tried[0][1][rows] / kr).log().abs()
+        tried = [(t_i[rows], f_i[rows]) for t_i, f_i in tried]
+        start, miss = tried[0][0], (tried[0][1] / kr).log().abs()
         for t_i, f_i in tried[1:]:
-            off = (f_i[rows] / kr).log().abs()
-            start, miss = torch.where(off < miss, t_i[rows], start), torch.fmin(off, miss)
+            off = (f_i / kr).log().abs()
+            start, miss = torch.where(off < miss, t_i, start), torch.fmin(off, miss)
         p[rows], t[rows] = _iterate(x[rows], kr, _take(r, rows), start, rule.take(rows), adaptive=True)
     return p, t
 
