@@ -15,7 +15,7 @@ and accuracy, but each row stops on its own (no host synchronisation):
   float32 head and tail, as on the CPU); a Newton step in ``u = e^{-t r}`` taken when it stays
   inside the bracket and is at most half the previous one (at most ``NEWTON``), else a bisection
   of the bracket on the bit pattern of its float64 ends; the row is done when
-  ``|f - k| <= min(tol_w w, tol_k max(1, k))`` (float32: ``4e-6 w``; float64: ``1e-10`` and
+  ``|f - k| <= min(max(tol_w w, tol_w / 4), tol_k max(1, k))`` (float32: ``tol_w = 4e-6``; float64: ``1e-10`` and
   ``5e-10``), or, once its bracket holds adjacent doubles, after evaluating the end whose sum
   is closer to ``k``;
 * a last pass writes ``p`` once.
@@ -109,10 +109,11 @@ def _step(f, w, t, lo, hi, f_lo, f_hi, previous, newton, evaluation, final, targ
           TOL_W: tl.constexpr, NEWTON: tl.constexpr, EVALUATIONS: tl.constexpr):  # fmt: skip
     """One solver step from the sums ``f = Σ p`` and ``w = Σ p (1 - p)`` at ``t``: the new state
     ``(t, lo, hi, f_lo, f_hi, previous, newton, evaluation, final, going)``. Done when
-    ``|f - k| <= min(TOL_W w, tol)``; a bracket of adjacent doubles moves ``t`` to the end whose
+    ``|f - k| <= min(max(TOL_W w, TOL_W / 4), tol)``; a bracket of adjacent doubles moves ``t`` to the end whose
     sum is closer (``final``), done after that evaluation."""
     gap = target - f
-    done = final | ~((tl.abs(gap) > TOL_W * w) | (tl.abs(gap) > tol))  # NaN rows are done
+    # NaN rows are done; |gap| <= TOL_W / 4 is enough whatever w (see khot.relaxed.sigmoid)
+    done = final | ~((tl.abs(gap) > tl.maximum(TOL_W * w, TOL_W / 4)) | (tl.abs(gap) > tol))
     hi, f_hi = tl.where(gap > 0, t, hi), tl.where(gap > 0, f, f_hi)  # f decreases in t
     lo, f_lo = tl.where(gap < 0, t, lo), tl.where(gap < 0, f, f_lo)
     # Newton in v = exp(-t r): a step log1p(|gap| / w) in -t r, never past the root
