@@ -133,6 +133,8 @@ def test_tiny_run_writes_csv_report_and_plots(tmp_path):
     assert again.read_text().split("## Which method when")[1].split("## `")[0] in report  # the CSV round-trips
     assert "## Which method when" in report and "| batch | n | k | level | dtype | `sigmoid` | `halving`" in report
     assert "takes" in report and "the time of `softmax`" in report
+    assert "- cells run: `masks`: 2 cells, n ∈ {16, 32}, k ∈ {2}" in report and "`--full`: 7 more cells, n ∈ {100000, 1000000, 10000000}" in report
+    assert "Monte-Carlo standard error of that cos" in report and "forward calls per search" in report
     if importlib.util.find_spec("matplotlib"):
         assert {"time_masks.png", "quality_masks.png", "time_exact.png"} <= {p.name for p in out.glob("*.png")}
         assert "![time_masks.png](time_masks.png)" in report
@@ -262,3 +264,61 @@ def test_task_table_says_which_method_beats_the_baselines():
     assert "| `good` | 0.850 ± 0.010 ✓ | 0.300 ± 0.010 ✓ |" in text  # higher accuracy, lower FVU: both beat the baselines
     assert "| `bad` | 0.700 ± 0.010 ✗ | 0.500 ± 0.010 ✗ |" in text
     assert "beat every baseline in every task: `good`" in text
+
+
+def test_matched_temperature_needs_few_calls_and_stops_where_a_method_cannot_reach():
+    import khot
+    from khot.bench.suites import matched_temperature
+
+    x = torch.randn(4, 500, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    for level in (0.3, 0.1, 0.03):
+        evals = []
+        matched_temperature(lambda z, k, t: khot.sigmoid_topk(z, k, temperature=t), x, 50, level, evals=evals)
+        assert evals[0] <= 6  # a bisection from τ = 1 took 8-10
+    # a relaxation with a noise floor: never closer than 0.5 to the exact mask
+    floor = lambda z, k, t: 0.5 * khot.sigmoid_topk(z, k, temperature=t) + 0.5 * k / z.shape[-1]  # noqa: E731
+    evals = []
+    _, reached = matched_temperature(floor, x, 50, 0.1, evals=evals)
+    assert reached > 0.4 and evals[0] <= 10
+
+
+def test_a_relaxation_that_cannot_reach_the_level_is_not_scored():
+    import khot
+    from khot.bench import suites
+
+    method = Method(None, tempered=lambda z, k, t: 0.5 * khot.sigmoid_topk(z, k, temperature=t) + 0.5 * k / z.shape[-1])
+    row = suites._measure_masks(method, Cell(2, 40, 4, 0.1), Settings(torch.device("cpu"), torch.float32, min_run_time=0))
+    assert row["status"].startswith("out of reach") and "fwd_ms" not in row and "jac_cos" not in row
+    history = {}
+    task = runner.Task("masks", SUITES["masks"], Cell(2, 40, 4, 0.1), Settings(torch.device("cpu"), torch.float32), "m", method)
+    assert runner._measure(task, history)["status"].startswith("out of reach")
+    bigger = runner.Task("masks", SUITES["masks"], Cell(2, 80, 8, 0.1), task.settings, "m", method)
+    assert runner._measure(bigger, history)["status"] == "skipped: out of reach at n = 40"
+
+
+def test_cosine_standard_error_matches_the_spread_of_noisy_references():
+    from khot.bench.suites import cosine_se
+
+    g = torch.Generator().manual_seed(5)
+    grad, truth = torch.randn(3, 50, generator=g, dtype=torch.float64), torch.randn(3, 50, generator=g, dtype=torch.float64)
+    se = torch.full_like(truth, 0.05)
+    cosines = torch.stack([
+        torch.nn.functional.cosine_similarity(grad, truth + se * torch.randn(truth.shape, generator=g, dtype=torch.float64), dim=-1).mean()
+        for _ in range(2000)
+    ])  # fmt: skip
+    assert cosine_se(grad, truth, se) == pytest.approx(cosines.std().item(), rel=0.15)
+
+
+def test_a_slow_call_is_timed_once_after_its_first_call():
+    import time
+
+    from khot.bench.suites import time_ms
+
+    calls = []
+    slow = lambda: (calls.append(1), time.sleep(0.03))  # noqa: E731
+    ms, mib = time_ms(slow, Settings(torch.device("cpu"), torch.float32, min_run_time=0.02), peak=True)
+    assert len(calls) == 2 and ms >= 30  # the first call (a warm-up) and the timed one, which also gives the peak
+    calls.clear()
+    with pytest.raises(TooSlow):
+        time_ms(slow, Settings(torch.device("cpu"), torch.float32, min_run_time=0.01, budget_s=0.01))
+    assert len(calls) == 2

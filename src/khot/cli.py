@@ -179,7 +179,7 @@ def _plan(args, error):
         too_big += [c for c in cells if c.batch * c.n * itemsize > memory]
         cells = [c for c in cells if c.batch * c.n * itemsize <= memory]
         for dtype in args.dtype:
-            s = Settings(device, DTYPES[dtype], args.seed, 0.5 if args.full else 0.1, budget, memory)
+            s = Settings(device, DTYPES[dtype], args.seed, 0.5 if args.full else 0.05, budget, memory, args.full)
             tasks += [Task(name, suite, c, s, m, impl) for c in sorted(cells, key=lambda c: (c.n, c.k, c.batch)) for m, impl in wanted.items()]
     if not tasks and too_big:
         c = max(too_big, key=lambda c: c.batch * c.n)
@@ -205,6 +205,48 @@ def _output_folder(out: Path, error) -> None:
         reason = e.strerror or type(e).__name__
         where = f" ({e.filename})" if e.filename and Path(e.filename) != out else ""
         error(f"--out {str(out)!r}: cannot write a report there: {reason}{where}")
+
+
+def _values(name: str, values) -> str:
+    values = sorted(set(values))
+    if len(values) <= 6:
+        return f"{name} ∈ {{{', '.join(str(v) for v in values)}}}"
+    return f"{name} = {values[0]} … {values[-1]} ({len(values)} values)"
+
+
+def _scope(suites: dict, tasks: list, full: bool) -> list[str]:
+    """What the run covered, suite by suite, and what ``--full`` adds to a default run."""
+    from .bench.suites import DRAWS, FULL_DRAWS
+    from .bench.tasks import STEPS
+
+    lines = []
+    for name, suite in suites.items():
+        cells = list(dict.fromkeys(t.cell for t in tasks if t.suite == name))
+        if not cells:
+            continue
+        text = f"`{name}`: {len(cells)} cells, {_values('n', (c.n for c in cells))}, {_values('k', (c.k for c in cells))}"
+        if name == "tasks":
+            seeds = tasks[0].settings.seed
+            steps = ", ".join(f"{task} {STEPS[task][full]}" for task in STEPS)
+            text += f", seeds {', '.join(str(seeds + i) for i in range(cells[0].batch))}, training steps: {steps}"
+        if name == "sampling":
+            text += f", at most {FULL_DRAWS if full else DRAWS} draws of one slice per design"
+        if not full:
+            more = [c for c in suite.full if (c.n, c.k, c.level, c.task) not in {(d.n, d.k, d.level, d.task) for d in suite.cells}]
+            extra = []
+            if more:
+                extra.append(f"{len(more)} more cells, {_values('n', (c.n for c in more))}")
+            if name == "tasks":
+                extra.append("training steps " + ", ".join(f"{task} {STEPS[task][True]}" for task in STEPS))
+            if name == "sampling":
+                extra.append(f"{FULL_DRAWS} draws")
+            if extra:
+                text += f" (`--full`: {'; '.join(extra)})"
+        lines.append(text)
+    scope = "- cells run: " + "; ".join(lines)
+    if not full:
+        scope += ". `--full` also times each call for 0.5 s instead of 0.05 s, with budgets of 30 s and 16 GiB per call"
+    return [scope]
 
 
 def bench(args, error, command: str) -> int:
@@ -234,6 +276,7 @@ def bench(args, error, command: str) -> int:
         + (" — **interrupted (Ctrl-C): partial results**" if interrupted else ""),
         f"- peers: {', '.join(installed) or 'none installed'}" + "".join(f"; {m}" for m in peers.missing()),
         "- references (`torch-topk*`, `softmax`, `torch-sort`) are timed for comparison, not ranked",
+        *_scope(ran, tasks, args.full),
     ]
     path = None
     try:  # the tables first (written atomically), then the plots, then the report again with them

@@ -19,14 +19,15 @@ __all__ = ["COLUMNS", "LABELS", "CsvLog", "read_csv", "write_report"]
 COLUMNS = (
     "suite", "method", "source", "version", "reference", "baseline", "status", "task", "batch", "n", "k", "level", "d",
     "dtype", "device", "temperature", "fwd_ms", "fwd_bwd_ms", "peak_mib", "nccs", "mask_l1", "sum_err", "grad_cos",
-    "jac_cos", "incl_err", "incl_z", "incl_p", "draws", "metric", "metric_std", "seeds", "steps", "train_s", "torch", "khot",
+    "jac_cos", "jac_cos_se", "search_evals", "incl_err", "incl_se", "incl_z", "incl_p", "draws", "metric", "metric_std", "seeds", "steps", "train_s", "torch", "khot",
 )  # fmt: skip
 _TEXT = {"suite", "method", "source", "version", "baseline", "status", "task", "dtype", "device", "torch", "khot"}
 LABELS = {
     "nccs": "nCCS (↑)", "mask_l1": "L1 to exact / 2k", "sum_err": "|Σ - k| (↓)", "temperature": "temperature",
     "grad_cos": "gradient cos vs finite differences (↑)",
     "jac_cos": "gradient cos vs the smoothed exact mask's (↑)",
-    "incl_err": "max |P(i) - π_i| (↓)", "incl_z": "max |z| of P(i) - π_i",
+    "jac_cos_se": "Monte-Carlo standard error of that cos", "search_evals": "forward calls of the temperature search",
+    "incl_err": "max |P(i) - π_i| (↓)", "incl_se": "standard error of P(i)", "incl_z": "max |z| of P(i) - π_i",
     "incl_p": "χ² p-value of P(i) = π_i (exact designs: p ~ U(0, 1))",
     "fwd_ms": "forward ms", "fwd_bwd_ms": "fwd+bwd ms", "metric": "task metric", "train_s": "training s",
 }  # fmt: skip
@@ -196,7 +197,33 @@ def summary(rows: list[dict], suite) -> list[str]:
                 f"- median {LABELS[column]} over {len(cells)} cells: " + ", ".join(f"`{m}` {_fmt(v)}" for m, v in medians.items())
                 + (f" (not in every cell: {', '.join(f'`{m}`' for m in left)})" if left else "")
             )
-    lines += _limits(rows) + _speedups(rows, time)
+    lines += _noise(ranked) + _limits(rows) + _speedups(rows, time)
+    return lines
+
+
+def _noise(rows) -> list[str]:
+    """How precise the Monte-Carlo columns are, and how long the temperature searches were."""
+    lines = []
+    se = [r["jac_cos_se"] for r in rows if "jac_cos_se" in r]
+    if se:
+        lines.append(
+            f"- {LABELS['jac_cos_se']} (the smoothed exact mask is a Monte-Carlo average): median {_fmt(nanmedian(se))}, "
+            f"at most {_fmt(max(se))} over {len(se)} measurements; closer gradient cosines than about twice that are a tie"
+        )
+    evals = [r["search_evals"] for r in rows if "search_evals" in r]
+    if evals:
+        lines.append(
+            f"- matched temperatures: {_fmt(nanmedian(evals))} forward calls per search (median; at most {max(evals)}), "
+            "each within 3 % of its level or as close as the method gets (`mask_l1` in the CSV)"
+        )
+    draws = [(r["incl_se"], r["draws"]) for r in rows if "incl_se" in r]
+    if draws:
+        worst = max(draws)
+        lines.append(
+            f"- {LABELS['incl_se']}: at most {_fmt(worst[0])} ({worst[1]} draws of one slice; "
+            f"{min(d for _, d in draws)}–{max(d for _, d in draws)} draws per cell): an exact design's max |P(i) - π_i| "
+            "is a few of these, Gumbel top-k's is far more"
+        )
     return lines
 
 
@@ -298,10 +325,15 @@ def task_table(rows: list[dict]) -> list[str]:
         label = f"baseline: {m}" if m in baselines else f"`{m}`"
         lines.append(f"| {label} | " + " | ".join(entries) + f" | {_fmt(nanmedian(times))} |")
     seeds = ok[0].get("seeds", "")
+    steps = {}
+    for r in ok:
+        if not r.get("reference") and "steps" in r:
+            steps.setdefault(r["task"], r["steps"])
     lines += [
         "",
-        f"Mean ± standard deviation over {seeds} seeds (same seeds, steps and model for every method); ✓: the mean "
-        "beats every baseline of that task, ✗: it does not. Relaxations at their default temperature.",
+        f"Mean ± standard deviation over {seeds} seeds (same seeds, steps and model for every method"
+        + (f"; training steps: {', '.join(f'{t} {n}' for t, n in steps.items())}" if steps else "")
+        + "); ✓: the mean beats every baseline of that task, ✗: it does not. Relaxations at their default temperature.",
         "",
     ]
     for task, k in columns:

@@ -6,8 +6,9 @@ A cell a method cannot run becomes a row that says why, never a crash:
 * ``skipped: ~X s predicted`` when its time on the last cell it ran, scaled by its
   ``work``, exceeds the time budget (so an O(n²) method stops before it stalls the run);
 * ``too slow: X s per call`` when one call exceeded the time budget;
-* ``out of memory`` and ``error: ...`` for failures, and ``skipped: ... at n = N`` for
-  bigger cells of a method that already failed.
+* ``out of memory`` and ``error: ...`` for failures, ``out of reach: ...`` where a relaxation
+  cannot be made as close to the exact mask as the cell asks, and ``skipped: ... at n = N``
+  for bigger cells of a method that already failed.
 
 Ctrl-C stops the run; the rows so far are in the CSV and the caller writes the report.
 """
@@ -81,6 +82,8 @@ def _measure(task: Task, history: dict) -> dict:
         status = f"error: {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:120]}"
     else:
         if row["status"] != "ok":  # the suite says why (e.g. "n/a": another task's baseline)
+            if row["status"].startswith("out of reach"):  # bigger cells are not expected to do better
+                history[key] = (last_ok, (cell, row["status"]))
             return row
         seconds = max(row.get("fwd_bwd_ms", 0.0), row.get("fwd_ms", 0.0)) / 1e3  # training runs have no per-call time
         history[key] = ((cell, seconds), None)

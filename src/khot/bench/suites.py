@@ -1,4 +1,4 @@
-"""The four suites of ``khot bench``: what is measured, on which inputs, with which methods.
+"""The five suites of ``khot bench``: what is measured, on which inputs, with which methods.
 
 A suite is a list of default cells ``(batch, n, k)``, a dict of methods and one function
 that measures one method on one cell and returns the CSV columns it fills (times and
@@ -12,14 +12,19 @@ suite          inputs and quality                                               
 ``masks``      scores ~ N(0, 1), k = n / 10, n up to 10^6 (10^7 with ``--full``),     khot.methods()
                each method at the temperature where its mask is 0.3, 0.1, 0.03        + peers
                from the exact one (L1 / 2k); time, |Σ mask - k|, the cosine of
-               its gradient with finite differences (n <= 128) and with the
-               gradient of the exact mask smoothed to that level (n <= 1000)
+               its gradient with finite differences (16 items, all with
+               ``--full``, n <= 128) and with the gradient of the exact mask
+               smoothed to that level (Monte Carlo, with its standard error;
+               n <= 1000)
 ``exact``      scores ~ N(0, 1); khot's exact ops against torch.topk + scatter        khot.topk_mask,
                                                                                       keep_topk
-``sampling``   π = sigmoid top-k of N(0, 1) scores; from up to 20000 draws of one     pips_sample
-               slice, the chi-square p-value of the inclusion frequencies against π   designs
-               (an exact design gives p ~ U(0, 1)), max |P(i drawn) - π_i| and its
-               z-score; time of one draw of the batch
+``sampling``   π = sigmoid top-k of N(0, 1) scores; from up to 2000 draws of one      pips_sample
+               slice (20000 with ``--full``), the chi-square p-value of the inclusion designs
+               frequencies against π (an exact design gives p ~ U(0, 1)),
+               max |P(i drawn) - π_i|, its standard error and z-score; time of one
+               draw of the batch
+``tasks``      small models trained through each relaxation and the sampler, same     mask methods +
+               seeds and steps (:mod:`khot.bench.tasks`); test metric, mean ± sd      baselines
 =============  =====================================================================  ===============
 """
 
@@ -33,19 +38,21 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils.benchmark import Timer
 
 import khot
 from khot.metrics import nccs
 from khot.sampling import DESIGNS, pips_sample
 
 from . import peers
-from .measure import baseline_keep, baseline_mask, median_ms, peak_mib
+from .measure import baseline_keep, baseline_mask, peak_mib
 
 __all__ = ["Cell", "Method", "Settings", "Suite", "SUITES", "TooSlow", "problem"]
 
 D = 32  # row width of the selection suite (the successive-halving paper's)
 LEVELS = (0.3, 0.1, 0.03)  # the sharpness levels of the masks suite: L1 to the exact mask / 2k
-GRAD_MAX_N = 128  # largest n whose gradient is checked against finite differences (2n calls)
+GRAD_MAX_N = 128  # largest n whose gradient is checked against finite differences
+FD_COLUMNS = 16  # items checked by finite differences (2 calls each), all n of them with --full
 BASE_20 = 1 / math.log(20)  # halving at the paper's base 20
 
 
@@ -89,14 +96,16 @@ class Method:
 
 @dataclass(frozen=True)
 class Settings:
-    """How to measure: device, dtype, seed, timing effort and the per-cell budgets."""
+    """How to measure: device, dtype, seed, timing effort, the per-cell budgets and the effort of
+    the Monte-Carlo checks and training runs."""
 
     device: torch.device
     dtype: torch.dtype
     seed: int = 0
-    min_run_time: float = 0.1
+    min_run_time: float = 0.05
     budget_s: float = 2.0
     memory_bytes: float = 2 * 2**30
+    full: bool = False  # ``--full``: more draws of the samplers, longer training in the tasks suite
 
 
 class TooSlow(Exception):
@@ -120,32 +129,50 @@ def _call_s(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def time_ms(fn: Callable[[], object], s: Settings) -> float:
-    """Median ms of ``fn()``; raises :class:`TooSlow` when its first call and a second one
-    (the first may pay one-time set-up costs) both exceed the budget."""
-    first = _call_s(fn, s.device)
-    if first > s.budget_s and (first := _call_s(fn, s.device)) > s.budget_s:
-        raise TooSlow(first)
-    return median_ms(fn, 0 if first >= s.min_run_time else s.min_run_time)
+def time_ms(fn: Callable[[], object], s: Settings, first: float | None = None, peak: bool = False):
+    """Median ms of ``fn()`` (and, with ``peak``, the peak MiB of one call).
+
+    ``first``: the seconds of a call just made (it paid the one-time set-up costs, so it is not
+    timed again); otherwise one such call is made here. A call that took ``s.min_run_time`` or
+    more is timed once more (that call also gives the peak memory); a faster one in blocks of
+    calls for ``s.min_run_time`` seconds (:meth:`torch.utils.benchmark.Timer.blocked_autorange`),
+    and its peak memory from one more call. Raises :class:`TooSlow` when the first call and the
+    timed one both exceed the budget.
+    """
+    if first is None:
+        first = _call_s(fn, s.device)
+    if first >= s.min_run_time:
+        spent: list[float] = []
+        mib = peak_mib(lambda: spent.append(_call_s(fn, s.device)), s.device)
+        if first > s.budget_s and spent[0] > s.budget_s:
+            raise TooSlow(spent[0])
+        ms = spent[0] * 1e3
+    else:
+        ms = Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=s.min_run_time).median * 1e3
+        mib = peak_mib(fn, s.device) if peak else math.nan
+    return (ms, mib) if peak else ms
 
 
 def _generator(s: Settings) -> torch.Generator:
     return torch.Generator(s.device).manual_seed(s.seed)
 
 
-def _fwd_bwd(fn: Callable, inputs: tuple[torch.Tensor, ...], s: Settings) -> dict:
+def _fwd_bwd(fn: Callable, inputs: tuple[torch.Tensor, ...], s: Settings) -> tuple[dict, torch.Tensor]:
     """Forward and forward + backward ms of ``fn(*inputs)`` (gradient for the first input, when
-    the output is floating point), and the peak memory of the slower of the two."""
+    the output is floating point), the peak memory of the slower of the two, and the output of
+    the forward call (for the quality columns: no extra call)."""
     frozen = [t.detach() for t in inputs]
-    out = {"fwd_ms": time_ms(lambda: fn(*frozen), s)}
-    y = fn(*frozen)
-    call = lambda: fn(*frozen)  # noqa: E731
-    if y.is_floating_point():
-        g = torch.randn(y.shape, generator=_generator(s), device=s.device).to(y.dtype)
-        leaves = [frozen[0].clone().requires_grad_(), *frozen[1:]]
-        call = lambda: fn(*leaves).backward(g)  # noqa: E731
-        out["fwd_bwd_ms"] = time_ms(call, s)
-    return {**out, "peak_mib": peak_mib(call, s.device)}
+    result: list[torch.Tensor] = []
+    first = _call_s(lambda: result.append(fn(*frozen)), s.device)
+    y = result[0]
+    if not y.is_floating_point():
+        ms, mib = time_ms(lambda: fn(*frozen), s, first, peak=True)
+        return {"fwd_ms": ms, "peak_mib": mib}, y
+    out = {"fwd_ms": time_ms(lambda: fn(*frozen), s, first)}
+    g = torch.randn(y.shape, generator=_generator(s), device=s.device).to(y.dtype)
+    leaves = [frozen[0].clone().requires_grad_(), *frozen[1:]]
+    out["fwd_bwd_ms"], out["peak_mib"] = time_ms(lambda: fn(*leaves).backward(g), s, peak=True)
+    return out, y
 
 
 # ----------------------------------------------------------------------------- selection
@@ -178,8 +205,8 @@ def _selection_methods() -> dict[str, Method]:
 
 def _measure_selection(method: Method, cell: Cell, s: Settings) -> dict:
     x, scores, top = problem(cell.n, cell.k, cell.batch, seed=s.seed, device=s.device, dtype=s.dtype)
-    times = _fwd_bwd(lambda sc, rows: method.fn(rows, sc, cell.k), (scores, x), s)
-    return {**times, "nccs": nccs(method.fn(x, scores, cell.k), top).mean().item(), "d": D}
+    times, y = _fwd_bwd(lambda sc, rows: method.fn(rows, sc, cell.k), (scores, x), s)
+    return {**times, "nccs": nccs(y, top).mean().item(), "d": D}
 
 
 # ----------------------------------------------------------------------------- masks
@@ -245,35 +272,91 @@ def _l1(mask: torch.Tensor, exact: torch.Tensor, k: int) -> float:
     return ((mask.float() - exact.float()).abs().sum(-1) / (2 * k)).mean().item()
 
 
-def matched_temperature(fn: Callable, x: torch.Tensor, k: int, level: float, start: float = 1.0) -> tuple[float, float]:
+def matched_temperature(
+    fn: Callable, x: torch.Tensor, k: int, level: float, start: float = 1.0, slope: float = 1.0, tol: float = 0.03,
+    max_evals: int = 40, evals: list | None = None, budget_s: float = math.inf,
+) -> tuple[float, float]:
     """The temperature at which ``fn(x, k, temperature)`` is ``level`` from the exact mask
-    (L1 / 2k), and the distance reached: bisection on log τ (within 3 % of ``level``, or the
-    closest of 40 evaluations, e.g. where a method never gets that far)."""
+    (L1 / 2k), and the distance reached.
+
+    A bracketed secant search on ``log τ`` against ``log distance`` (the distance of these
+    relaxations grows about like a power of τ, so the secant lands near the root in a step or
+    two): from ``start``, extrapolate with ``slope`` (d log distance / d log τ, then the slope
+    between the last two points) until the level is bracketed, then Illinois steps inside the
+    bracket (a secant that cannot stall), bisection where a distance is 0 or not finite. Stops
+    within ``tol`` of ``level`` (relative), where the distance stops changing with τ (a method
+    that never gets that close to, or that far from, the exact mask), or at the closest of
+    ``max_evals`` evaluations. ``evals``, when given, gets the
+    number of evaluations appended. Raises :class:`TooSlow` when two evaluations (forward calls)
+    take longer than ``budget_s`` each.
+    """
     exact = khot.topk_mask(x, k)
-    seen = {}
+    seen: dict[float, float] = {}
+    slow: list[float] = []
 
-    def dist(log_t):
-        with torch.no_grad():
-            d = _l1(fn(x, k, math.exp(log_t)), exact, k)
-        seen[log_t] = d if math.isfinite(d) else math.inf
-        return seen[log_t]
+    def err(u: float) -> float:  # log(distance / level): increasing in u = log τ
+        if u not in seen:
+            began = time.perf_counter()
+            with torch.no_grad():
+                d = _l1(fn(x, k, math.exp(u)), exact, k)
+            if (spent := time.perf_counter() - began) > budget_s:
+                slow.append(spent)
+                if len(slow) == 2:  # not only the first call's one-time costs
+                    raise TooSlow(spent)
+            seen[u] = d if math.isfinite(d) else math.inf
+        d = seen[u]
+        return math.log(d / level) if 0 < d < math.inf else (-math.inf if d == 0 else math.inf)
 
-    lo = hi = math.log(start)
-    step = math.log(4.0)
-    while dist(lo) > level and len(seen) < 20:
-        hi, lo = lo, lo - step
-    while dist(hi) < level and len(seen) < 20:
-        lo, hi = hi, hi + step
-    while len(seen) < 40 and abs(dist((lo + hi) / 2) - level) > 0.03 * level:
-        lo, hi = ((lo + hi) / 2, hi) if seen[(lo + hi) / 2] < level else (lo, (lo + hi) / 2)
+    def done(u: float) -> bool:
+        return abs(seen[u] - level) <= tol * level or len(seen) >= max_evals
+
+    jump = math.log(100.0)  # the largest step outside a bracket
+    u = math.log(start)
+    e = err(u)
+    below = above = None  # (u, err) with the distance below / above the level
+    previous, flat = None, 0
+    while not done(u):
+        if e < 0:
+            below = (u, e) if below is None or u > below[0] else below
+        else:
+            above = (u, e) if above is None or u < above[0] else above
+        if below is None or above is None:  # extrapolate towards the level
+            if previous is not None and math.isfinite(e) and math.isfinite(previous[1]) and previous[0] != u:
+                s = (e - previous[1]) / (u - previous[0])
+                flat = flat + 1 if abs(e - previous[1]) < 0.01 and abs(u - previous[0]) > 1 else 0
+                if flat >= 2:  # the distance no longer moves with τ: the level is out of this method's reach
+                    break
+                slope = s if s > 0.05 else 1e-9  # nearly flat: the longest step
+            step = -e / slope if math.isfinite(e) else (jump if e < 0 else -jump)
+            previous, u = (u, e), u + max(-jump, min(jump, step))
+        else:  # Illinois inside the bracket
+            (a, ea), (b, eb) = below, above
+            if math.isfinite(ea) and math.isfinite(eb):
+                new = a - ea * (b - a) / (eb - ea)
+                margin = 0.02 * (b - a)
+                new = min(max(new, a + margin), b - margin)
+            else:
+                new = (a + b) / 2
+            previous, u = (u, e), new
+        e = err(u)
+        if below is not None and above is not None and math.isfinite(e):  # Illinois: halve the stale end
+            if e < 0 and previous is not None and previous[1] < 0 and math.isfinite(above[1]):
+                above = (above[0], above[1] / 2)
+            elif e >= 0 and previous is not None and previous[1] >= 0 and math.isfinite(below[1]):
+                below = (below[0], below[1] / 2)
+    if evals is not None:
+        evals.append(len(seen))
     best = min(seen, key=lambda t: abs(seen[t] - level))
     return math.exp(best), seen[best]
 
 
 _SMOOTHED: dict = {}
+SMOOTHED_ELEMENTS = 2**21  # Monte-Carlo draws × batch × n of the smoothed reference (draws >= 64): ~0.4 s a cell
 
 
-def smoothed_exact_gradient(x: torch.Tensor, k: int, level: float, g: torch.Tensor, seed: int) -> torch.Tensor:
+def smoothed_exact_gradient(
+    x: torch.Tensor, k: int, level: float, g: torch.Tensor, seed: int, with_se: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The gradient of ``<g, E[topk_mask(x + σε)]>``, ε ~ N(0, I), with σ chosen so that the
     expected mask is ``level`` from the exact one: the exact-mask objective smoothed to the
     same closeness as the relaxations it is compared with (the perturbed-optimiser view of
@@ -283,18 +366,21 @@ def smoothed_exact_gradient(x: torch.Tensor, k: int, level: float, g: torch.Tens
     term): item j is in the top k iff ``x_j + σε_j`` exceeds ``t_j``, the k-th largest of the
     others, and swapping j in replaces item ``r_j`` (that k-th largest), so
     ``∂/∂x_j = E[(g_j - g_{r_j}) φ((t_j - x_j) / σ)] / σ`` and ``E[mask_j] = E[Φ((x_j - t_j) / σ)]``.
+    Antithetic draws (ε and -ε); ``with_se`` also returns each element's standard error (from
+    the spread of the antithetic pairs' means).
     """
     key = (tuple(x.shape), k, level, seed, x.device, x.dtype, x.double().sum().item(), g.double().sum().item())
     if key not in _SMOOTHED:
         _SMOOTHED.clear()
         _SMOOTHED[key] = _smoothed_exact_gradient(x.double(), k, level, g.double(), seed)
-    return _SMOOTHED[key]
+    grad, se = _SMOOTHED[key]
+    return (grad, se) if with_se else grad
 
 
 def _smoothed_exact_gradient(x, k, level, g, seed):
     gen = torch.Generator(x.device).manual_seed(seed)
-    samples = max(64, 2**19 // x.numel())
-    eps = torch.randn(samples // 2, *x.shape, generator=gen, device=x.device, dtype=x.dtype)
+    pairs = max(32, SMOOTHED_ELEMENTS // (2 * x.numel()))
+    eps = torch.randn(pairs, *x.shape, generator=gen, device=x.device, dtype=x.dtype)
     eps = torch.cat([eps, -eps])
     normal = torch.distributions.Normal(torch.zeros((), dtype=x.dtype, device=x.device), 1.0)
 
@@ -309,25 +395,66 @@ def _smoothed_exact_gradient(x, k, level, g, seed):
     sigma, _ = matched_temperature(expected, x, k, level, start=0.1)
     t, r = threshold(sigma)
     swing = g - g.expand(eps.shape).gather(-1, r)
-    return (swing * normal.log_prob((t - x) / sigma).exp()).mean(0) / sigma
+    terms = swing * normal.log_prob((t - x) / sigma).exp() / sigma
+    pair_means = (terms[:pairs] + terms[pairs:]) / 2
+    return pair_means.mean(0), pair_means.std(0) / math.sqrt(pairs)
+
+
+def cosine_se(grad: torch.Tensor, reference: torch.Tensor, se: torch.Tensor) -> float:
+    """Standard error of the mean over rows of ``cos(grad, reference)`` that comes from the
+    reference's Monte-Carlo noise (``se`` per element; first order in the noise)."""
+    u = F.normalize(grad, dim=-1)
+    norm = reference.norm(dim=-1, keepdim=True)
+    cos = (u * reference).sum(-1, keepdim=True) / norm
+    slope = (u - cos * reference / norm) / norm  # d cos / d reference
+    return ((slope * se).square().sum(-1).sum().sqrt() / grad.shape[0]).item()
+
+
+def _fd_columns(n: int, s: Settings) -> torch.Tensor:
+    """The items whose derivative is checked by finite differences: all with ``--full``, else
+    FD_COLUMNS of them drawn with the run's seed."""
+    if s.full or n <= FD_COLUMNS:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(s.seed))[:FD_COLUMNS].sort().values
 
 
 def _finite_difference_cosine(fn: Callable, x: torch.Tensor, k: int, s: Settings) -> float:
-    """Cosine between autograd's gradient of ``<g, fn(x, k)>`` and central differences, in float64."""
+    """Cosine between autograd's gradient of ``<g, fn(x, k)>`` and central differences, in float64,
+    over the items of :func:`_fd_columns` (two calls each)."""
     x = x.detach().double()
     g = torch.randn(x.shape, generator=_generator(s), device=x.device, dtype=x.dtype)
     leaf = x.clone().requires_grad_()
     (fn(leaf, k) * g).sum().backward()
-    eps, numeric = 1e-6, torch.empty_like(x)
-    for i in range(x.shape[-1]):  # column i of every row at once: the rows are independent
+    columns = _fd_columns(x.shape[-1], s)
+    eps, numeric = 1e-6, torch.empty(x.shape[0], len(columns), dtype=x.dtype, device=x.device)
+    for j, i in enumerate(columns.tolist()):  # column i of every row at once: the rows are independent
         step = torch.zeros_like(x)
         step[:, i] = eps
-        numeric[:, i] = ((fn(x + step, k) - fn(x - step, k)) * g).sum(-1) / (2 * eps)
-    return F.cosine_similarity(leaf.grad.flatten(), numeric.flatten(), dim=0).item()
+        numeric[:, j] = ((fn(x + step, k) - fn(x - step, k)) * g).sum(-1) / (2 * eps)
+    return F.cosine_similarity(leaf.grad[:, columns.to(x.device)].flatten(), numeric.flatten(), dim=0).item()
 
 
 JAC_MAX_N = 1000  # largest n whose Jacobian is compared with the smoothed exact mask's
-_MATCHED: dict = {}  # (method, level, k/n) -> the temperature found at the last n: the next search starts there
+_MATCHED: dict = {}  # (method, k/n) -> [(n, level, temperature)] found so far: where the next search starts
+
+
+def _first_guess(found: list, n: int, level: float) -> tuple[float, float]:
+    """Where a method's next temperature search starts, and the slope d log distance / d log τ it
+    assumes, from the temperatures matched so far (``found``: ``(n, level, τ)``): at the same n,
+    the power law through the two nearest levels (or the nearest one, slope 1); else the nearest
+    n, at the same level if it ran. Only a start: the search still reaches the level itself."""
+    if not found:
+        return 1.0, 1.0
+    here = sorted((abs(math.log(lv / level)), lv, t) for m, lv, t in found if m == n)
+    if len(here) >= 2 and here[0][1] != here[1][1]:
+        (_, l0, t0), (_, l1, t1) = here[:2]
+        slope = math.log(l1 / l0) / math.log(t1 / t0) if t1 != t0 else 1.0
+        if slope > 0.05:
+            return t0 * (level / l0) ** (1 / slope), slope
+    if here:
+        return here[0][2] * level / here[0][1], 1.0
+    _, _, lv, t = min((abs(math.log(m / n)), lv != level, lv, t) for m, lv, t in found)
+    return t * level / lv, 1.0
 
 
 def _measure_masks(method: Method, cell: Cell, s: Settings) -> dict:
@@ -335,25 +462,33 @@ def _measure_masks(method: Method, cell: Cell, s: Settings) -> dict:
     out = {}
     fn = method.fn
     if cell.level is not None and not method.reference:
-        key = (id(method.tempered), cell.level, cell.k / cell.n)
-        t, _ = matched_temperature(method.tempered, x, cell.k, cell.level, _MATCHED.get(key, 1.0))
-        _MATCHED[key] = out["temperature"] = t
+        found = _MATCHED.setdefault((id(method.tempered), cell.k / cell.n), [])
+        start, slope = _first_guess(found, cell.n, cell.level)
+        evals: list = []
+        t, reached = matched_temperature(method.tempered, x, cell.k, cell.level, start, slope, evals=evals, budget_s=s.budget_s)
+        out["temperature"], out["search_evals"], out["mask_l1"] = t, evals[0], reached
+        if abs(reached - cell.level) > 0.1 * cell.level:  # not comparable at this level: nothing to time or score
+            return {**out, "status": f"out of reach: L1 / 2k of {reached:.3g} at best, for {cell.level:g}"}
+        found.append((cell.n, cell.level, t))
         fn = lambda z, k, f=method.tempered: f(z, k, t)  # noqa: E731
-    out.update(_fwd_bwd(lambda z: fn(z, cell.k), (x,), s))
+    times, m = _fwd_bwd(lambda z: fn(z, cell.k), (x,), s)
+    out.update(times)
     if method.reference:
         return out
-    m = fn(x, cell.k).float()
+    m = m.float()
     out["mask_l1"] = _l1(m, khot.topk_mask(x, cell.k), cell.k)
     out["sum_err"] = (m.sum(-1) - cell.k).abs().mean().item()
     try:  # no float64 path (e.g. a peer's float32 network): no gradient columns
-        if cell.n <= GRAD_MAX_N and 2 * cell.n * out["fwd_ms"] / 1e3 <= s.budget_s and not method.stochastic:  # 2n calls
+        calls = 2 * len(_fd_columns(cell.n, s))
+        if cell.n <= GRAD_MAX_N and calls * out["fwd_ms"] / 1e3 <= s.budget_s and not method.stochastic:
             out["grad_cos"] = _finite_difference_cosine(fn, x, cell.k, s)
         if cell.level is not None and cell.n <= JAC_MAX_N:
             g = torch.randn(x.shape, generator=_generator(s), device=x.device, dtype=torch.float64)
             leaf = x.detach().double().requires_grad_()
             (fn(leaf, cell.k) * g).sum().backward()
-            reference = smoothed_exact_gradient(x, cell.k, cell.level, g, s.seed)
+            reference, se = smoothed_exact_gradient(x, cell.k, cell.level, g, s.seed, with_se=True)
             out["jac_cos"] = F.cosine_similarity(leaf.grad, reference, dim=-1).mean().item()
+            out["jac_cos_se"] = cosine_se(leaf.grad, reference, se)
     except RuntimeError:
         pass
     return out
@@ -373,8 +508,8 @@ def _exact_methods() -> dict[str, Method]:
 
 def _measure_exact(method: Method, cell: Cell, s: Settings) -> dict:
     x = torch.randn(cell.batch, cell.n, generator=_generator(s), device=s.device).to(s.dtype)
-    out = _fwd_bwd(lambda z: method.fn(z, cell.k), (x,), s)
-    kept = method.fn(x, cell.k) != 0
+    out, kept = _fwd_bwd(lambda z: method.fn(z, cell.k), (x,), s)
+    kept = kept != 0
     out["mask_l1"] = ((kept != khot.topk_mask(x, cell.k)).sum(-1) / (2 * cell.k)).float().mean().item()
     return out
 
@@ -394,20 +529,28 @@ def _sampling_methods() -> dict[str, Method]:
         design: Method(lambda pi, g, d=design: pips_sample(pi, design=d, generator=g), baseline="torch-sort")
         for design in DESIGNS
     }
-    out["brewer"] = Method(out["brewer"].fn, work=lambda c: c.batch * c.n * c.k, baseline="torch-sort")
+    for design in ("brewer", "conditional_poisson"):  # O(n k): one draw at a time; a k × n recursion
+        out[design] = Method(out[design].fn, work=lambda c: c.batch * c.n * c.k, baseline="torch-sort")
     out["gumbel-topk"] = Method(_gumbel_topk, "torch", baseline="torch-sort")
     out["torch-sort"] = Method(lambda pi, g: torch.sort(pi, -1), "torch", reference=True)
     return out
 
 
+DRAWS, FULL_DRAWS = 2000, 20_000  # draws of one slice for the inclusion test
+
+
 def _measure_sampling(method: Method, cell: Cell, s: Settings) -> dict:
     gen = _generator(s)
     pi = khot.sigmoid_topk(torch.randn(cell.batch, cell.n, generator=gen, device=s.device), cell.k).to(s.dtype)
-    out = {"fwd_ms": time_ms(lambda: method.fn(pi, gen), s), "peak_mib": peak_mib(lambda: method.fn(pi, gen), s.device)}
+    fwd_ms, mib = time_ms(lambda: method.fn(pi, gen), s, peak=True)
+    out = {"fwd_ms": fwd_ms, "peak_mib": mib}
     if method.reference:
         return out
-    # as many draws of one slice as fit in the budget (one draw costs about a row of the timed batch)
-    draws = min(20_000, 10**7 // cell.n, int(s.budget_s / (out["fwd_ms"] / 1e3 / cell.batch)))
+    # as many draws of one slice as fit in the budget (one draw costs about a row of the timed
+    # batch), at most DRAWS (FULL_DRAWS with --full): enough to tell an exact design from Gumbel
+    # top-k's (max |P(i) - π_i| ≈ 0.2, while 2000 draws have a standard error <= 0.011)
+    most = FULL_DRAWS if s.full else DRAWS
+    draws = min(most, 10**7 // cell.n, int(s.budget_s / (out["fwd_ms"] / 1e3 / cell.batch)))
     if draws < 100:
         return out
     row, size = pi[0].double(), max(1, 10**6 // cell.n)
@@ -419,7 +562,8 @@ def _measure_sampling(method: Method, cell: Cell, s: Settings) -> dict:
     # freedom (the sample size is fixed), so a p-value far below 0.001 is a biased design
     df = torch.tensor(cell.n - 1.0, dtype=torch.float64)
     p = torch.special.gammaincc(df / 2, z2.sum() / 2).item()
-    return {**out, "incl_err": err.max().item(), "incl_z": z2.max().sqrt().item(), "incl_p": p, "draws": draws}
+    se = (row * (1 - row) / draws).sqrt().max().item()  # of the largest-variance frequency
+    return {**out, "incl_err": err.max().item(), "incl_se": se, "incl_z": z2.max().sqrt().item(), "incl_p": p, "draws": draws}
 
 
 # ----------------------------------------------------------------------------- tasks
@@ -454,16 +598,18 @@ def _measure_tasks(method: Method, cell: Cell, s: Settings) -> dict:
     run, baselines, *_ = tasks.TASKS[cell.task]
     if method.reference and method.fn not in baselines:
         return {"status": "n/a"}  # another task's baseline
+    steps = tasks.STEPS[cell.task][s.full]
+    options = {"steps": steps, **({"eval_steps": tasks.EVAL_STEPS} if cell.task == "features" else {})}
     values, start, threads = [], time.perf_counter(), torch.get_num_threads()
     torch.set_num_threads(1)  # models this small only lose time to OpenMP synchronisation (20x on a busy 2-core CPU)
     try:
         for seed in range(s.seed, s.seed + cell.batch):
-            values.append(run(method.fn, cell.k, seed))
+            values.append(run(method.fn, cell.k, seed, **options))
     finally:
         torch.set_num_threads(threads)
     seconds = (time.perf_counter() - start) / cell.batch
     mean, std = tasks.spread(values)
-    return {"metric": mean, "metric_std": std, "seeds": cell.batch, "train_s": seconds}
+    return {"metric": mean, "metric_std": std, "seeds": cell.batch, "steps": steps, "train_s": seconds}
 
 
 # ----------------------------------------------------------------------------- registry

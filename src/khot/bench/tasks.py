@@ -95,8 +95,10 @@ def mask_methods() -> dict[str, Callable]:
 # the name of one of the task's baselines.
 
 
-def features(mask, k: int, seed: int, steps: int = 300) -> float:
-    """Learned k-of-64 pixel selection on digits: test accuracy of a linear classifier on the chosen pixels."""
+def features(mask, k: int, seed: int, steps: int = 300, eval_steps: int | None = None) -> float:
+    """Learned k-of-64 pixel selection on digits (``steps`` of training through the mask): test
+    accuracy of a fresh linear classifier trained for ``eval_steps`` (default: ``steps``) on the
+    chosen pixels."""
     torch.manual_seed(seed)
     data, variance = digits(seed)
     if mask == "random pixels":
@@ -106,7 +108,7 @@ def features(mask, k: int, seed: int, steps: int = 300) -> float:
     else:
         _, logits = fit(data[0], data[1], steps, lambda z: mask(z, k))
         pixels = khot.topk_mask(logits, k).nonzero().squeeze(-1)
-    return accuracy(pixels, data, steps)
+    return accuracy(pixels, data, eval_steps or steps)
 
 
 def knn(mask, k: int, seed: int, steps: int = 100, dim: int = 4, pool: int = 128, queries: int = 64) -> float:
@@ -173,6 +175,11 @@ def sae(mask, k: int, seed: int, steps: int = 200, d: int = 32, latents: int = 1
         x = sparse_data(4096, features, generator=torch.Generator().manual_seed(10_000 + seed))
         return (F.mse_loss(model(x), x) / x.var(0).mean()).item()
 
+
+# training steps of each task: (default run, --full); the features task's final classifier
+# trains for EVAL_STEPS either way
+STEPS = {"features": (150, 300), "knn": (50, 100), "sae": (100, 200)}
+EVAL_STEPS = 300
 
 # name: (function, baselines, k values of the default run, metric label, higher is better)
 TASKS = {
