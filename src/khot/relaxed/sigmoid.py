@@ -123,12 +123,12 @@ def _uniform(v: Tensor) -> float | Tensor:
     return float(v.reshape(-1)[0]) if v.numel() and all(s == 0 for s in v.stride()) else v
 
 
-def _evaluate(x: Tensor, t: Tensor, r: float | Tensor, out: Tensor | None, tail: bool) -> Tensor:
+def _evaluate(x: Tensor, t: Tensor, r: float | Tensor, out: Tensor | None, tail: bool, bound: float | None = None) -> Tensor:
     """``sigmoid((x - t) * r)`` into ``out``; ``t`` float64 per slice, ``r`` (``1 / τ``) a number or float64 per slice.
 
     In float32 the threshold is split, ``t = t_hi + t_lo``, so that ``x - t_hi`` is exact near
     the threshold; ``tail=False`` drops ``t_lo`` (the CPU path does so only where it is
-    negligible).
+    negligible). ``bound``: ``(x - t) * r`` is clamped to ``±bound`` first (see ``_Rule``).
     """
     if x.dtype == torch.float64:
         t_hi, r_x = t, r
@@ -142,7 +142,7 @@ def _evaluate(x: Tensor, t: Tensor, r: float | Tensor, out: Tensor | None, tail:
         out.mul_(r_x)
     if tail and x.dtype != torch.float64:
         out.sub_(((t - t_hi.double()) * r).clamp(-_F32, _F32).to(x.dtype).unsqueeze(-1))
-    return out.sigmoid_()
+    return (out if bound is None else out.clamp_(-bound, bound)).sigmoid_()
 
 
 def _sums(p: Tensor, accurate: bool) -> tuple[Tensor, Tensor]:
@@ -177,14 +177,19 @@ class _Rule:
         self.floor = tol_w / 4
         # float32 sums (CPU path) are accurate to 2**-24 ceil(log2 n) Σ p (pairwise); else float64
         self.rounding = 2.0**-24 * math.ceil(math.log2(x.shape[-1] + 1)) if adaptive and x.dtype != torch.float64 else 0.0
+        # float64 work for a lower-precision output: |x - t| / τ is clamped to 230, where sigmoid is 1
+        # or below 1e-100 (0 in float32): sigmoid, its squares and cubes never reach subnormal numbers,
+        # which cost a CPU 5-10x more per element (sharp temperatures make most entries that far)
+        self.bound = 230.0 if x.dtype == torch.float64 and tol_w > 1e-8 else None
         # a Newton step δ in c from the root's neighbourhood misses it by at most δ² / 2 (|f''| <= f'),
         # and p + p (1 - p) δ misses p(c + δ) by at most δ² / 20: both below the tolerance in p
         self.close = math.sqrt(tol_w) / 2
 
     def take(self, rows: Tensor) -> _Rule:
-        """The rule of the slices ``rows``."""
+        """The rule of the slices ``rows``, solved in float64."""
         rule = object.__new__(_Rule)
-        rule.__dict__.update(self.__dict__, k=_take(self.k, rows), tol_k=_take(self.tol_k, rows))
+        bound = 230.0 if self.tol_w > 1e-8 else None
+        rule.__dict__.update(self.__dict__, k=_take(self.k, rows), tol_k=_take(self.tol_k, rows), rounding=0.0, bound=bound)
         return rule
 
     def judge(self, p: Tensor, c: Tensor | None, near: bool = True, done: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
@@ -271,7 +276,7 @@ def _iterate(x: Tensor, k: float | Tensor, r: float | Tensor, t: Tensor, rule: _
     for evaluation in range(1, budget + 1):
         # dropping t_lo moves p by |t_lo| r / 4 <= 2**-26 |t r| at most: the CPU path does where that is < 2e-7
         scale = _scale(t, r) if adaptive else math.inf
-        p = _evaluate(x, t, r, p, tail=scale > 12)
+        p = _evaluate(x, t, r, p, tail=scale > 12, bound=rule.bound)
         f, w, gap, done, near = rule.judge(p, t * r if scale > 2**14 else None, near=small)
         done = done | final
         if adaptive and bool((done if near is None else done | near).all()):
@@ -321,7 +326,7 @@ def _refine(x: Tensor, k: float | Tensor, r: float | Tensor, t: Tensor, rule: _R
     p, tried, solved = None, [], None
     for evaluation in range(_FAST):
         scale = _scale(t, r) if scaled else 0.0
-        p = _evaluate(x, t, r, p, tail=scale > 12)
+        p = _evaluate(x, t, r, p, tail=scale > 12, bound=rule.bound)
         # short slices end one Newton step from the root, long ones take steps until done; the start
         # itself is never taken (one more step costs less than the check)
         f, w, gap, done, near = rule.judge(p, t * r if scale > 2**14 else None, near=small and evaluation > 0, done=not small and evaluation > 0)
@@ -343,7 +348,9 @@ def _refine(x: Tensor, k: float | Tensor, r: float | Tensor, t: Tensor, rule: _R
         for t_i, f_i in tried[1:]:
             off = (f_i / kr).log().abs()
             start, miss = torch.where(off < miss, t_i, start), torch.fmin(off, miss)
-        p[rows], t[rows] = _iterate(x[rows], kr, _take(r, rows), start, rule.take(rows), adaptive=True)
+        # in float64: no split threshold, no subnormal numbers (see _Rule), no float32 sums to check
+        p_rows, t[rows] = _iterate(x[rows].double(), kr, _take(r, rows), start, rule.take(rows), adaptive=True)
+        p[rows] = p_rows.to(p.dtype)
     return p, t
 
 
