@@ -327,6 +327,57 @@ def test_cpu_path_equals_the_portable_sort(name):
         torch.testing.assert_close(fast, slow, atol=1e-6, rtol=0, equal_nan=True)
 
 
+def _rows_reference(name: str, z: torch.Tensor, k: float) -> torch.Tensor:
+    """``_capped_simplex`` / ``_lapsum_reference`` for all rows at once: 110 float64 bisection steps
+    (from a bracket under 2^18 wide: below float64 resolution)."""
+    f = (lambda u: u.clamp(0, 1)) if name == "sparse" else _laplace_cdf
+    lo, hi = z.amin(-1, keepdim=True) - 60, z.amax(-1, keepdim=True) + 60
+    for _ in range(110):
+        mid = (lo + hi) / 2
+        above = f(z - mid).sum(-1, keepdim=True) > k
+        lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
+    return f(z - (lo + hi) / 2)
+
+
+def _long_rows(dtype):
+    """Rows long enough for the CPU path's sort-free search (n >= 8 * 4096), with the cases that can
+    mislead it: ties at the kinks (integers: z and z - 1 coincide for τ = 1), a pattern with the
+    sub-sample's period (the sample sees only the large scores), a sorted row, a huge outlier."""
+    g = torch.Generator().manual_seed(17)
+    n = 40_000
+    x = torch.randn(5, n, generator=g, dtype=torch.float64)
+    x[1] = torch.randint(-3, 4, (n,), generator=g).double()  # ties everywhere, kinks on kinks
+    x[2, :: n // 4096] += 6.0  # every sampled score is large, the others are not
+    x[3] = x[3].sort().values
+    x[4, 123] = 1e4
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("name", ["sparse", "lapsum"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_search_without_sort_equals_the_bisection_reference(name, dtype, monkeypatch):
+    """The CPU path (top scores above a bound for small k, safeguarded Newton-type steps over whole
+    rows for large k) against the float64 bisection, on rows meant to trip it; every row solved by
+    the iteration, none left to the sort."""
+    from khot.relaxed import _threshold
+
+    steps = []
+    refine = _threshold.refine
+    monkeypatch.setattr(_threshold, "refine", lambda *a, **kw: steps.append(r := refine(*a, **kw)) or r)
+    x = _long_rows(dtype)
+    for k in (3, 250.5, 20_000.5, 39_000):
+        for tau in (0.05, 1.0, 20.0):
+            p = _call(name, x, k, temperature=tau)
+            z = x.double() / tau
+            ref = _rows_reference(name, z, k)
+            scale = 1e-9 if dtype == torch.float64 else 8 * 2.0**-23 * max(1.0, z.abs().max().item())
+            torch.testing.assert_close(p.double(), ref, atol=scale, rtol=0, msg=f"k={k}, tau={tau}")
+            assert (p.double().sum(-1) - k).abs().max() < max(1e-6, 1e-6 * k)
+            if name == "sparse" and dtype == torch.float64:
+                assert torch.equal(p == 0, ref <= 1e-12)  # exact zeros
+    assert steps and all(bool(done.all()) for _, done in steps)
+
+
 @pytest.mark.parametrize("name", ["sparse", "lapsum", "soft", "simple"])
 def test_vmap_equals_the_batched_call(name):
     x = torch.randn(3, 4, 10, generator=torch.Generator().manual_seed(16))

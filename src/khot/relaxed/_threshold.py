@@ -24,8 +24,9 @@ from khot._backend import custom_op
 from khot._checks import check_count, check_positive, check_real_count, check_tensor, normalize_dim
 
 __all__ = [
-    "Rows", "work_dtype", "clamp_infinite", "finite_range_sorted", "largest_index", "lower_bound", "keep_exact",
-    "threshold_op", "shifted", "threshold_function",
+    "Rows", "work_dtype", "clamp_infinite", "finite_range_sorted", "largest_index", "lower_bound",
+    "top_above", "refine", "row_sum", "solve_window", "long_rows", "threshold_op", "scores_and_threshold", "shifted",
+    "threshold_function",
 ]
 
 
@@ -114,36 +115,182 @@ def largest_index(value: Callable[[Tensor], Tensor], k: Tensor, n: int, shape: t
 
 
 _SAMPLE = 4096  # sub-sample size per slice for the CPU paths' bracket
-WINDOW = 1 / 16  # the CPU paths take at most this fraction of a slice with topk, else sort it all
+WINDOW = 1 / 16  # the CPU paths solve from the scores above a bound when they are at most this fraction of a row
 
 
 def lower_bound(rows: Tensor, k: Tensor, solve: Callable[[Tensor, Tensor], Tensor]):
-    """``(lo, count)``: a likely lower bound ``lo`` (``(rows, 1)``, float64) of each row's threshold
-    for ``k``, from ``solve`` (rows, k -> t) run on a strided sub-sample at ``k`` scaled to the
-    sample plus four standard deviations of the count (a binomial), and an upper estimate of how
-    many entries of any row exceed it. ``None`` for short rows, ``k`` at 0 or n, or when that
-    count is over ``WINDOW`` of a row (then a full sort is as cheap)."""
+    """``(lo, count, start)`` for long rows and ``1 <= k <= n - 1``, from ``solve`` (rows, k -> t) run
+    once on a strided sub-sample: a likely lower bound ``lo`` (``(rows, 1)``, float64, a value of the
+    rows' dtype) of each row's threshold, the sample's threshold at ``k`` scaled to the sample plus
+    four standard deviations of the count (a binomial); an upper estimate ``count`` of how many
+    entries of any row exceed it; and ``start`` (``(rows,)``), the sample's threshold at ``k`` itself,
+    an estimate of the row's."""
     n = rows.shape[-1]
-    if n < 8 * _SAMPLE or not bool(((k >= 1) & (k <= n - 1)).all()):
-        return None
     sample = rows[:, :: n // _SAMPLE].contiguous()
     m = sample.shape[-1]
     ks = k * (m / n)
-    lo = solve(sample, (ks + 4 * (ks * (1 - ks / m)).clamp(min=0).sqrt() + 2).clamp(max=m))[:, None]
+    high = (ks + 4 * (ks * (1 - ks / m)).clamp(min=0).sqrt() + 2).clamp(max=m)
+    lo, start = solve(torch.cat([sample, sample]), torch.cat([high, ks])).chunk(2)
+    lo = lo.to(rows.dtype).to(torch.float64)[:, None]  # a value of the rows' dtype: one comparison in either
     above = (sample > lo.to(sample.dtype)).sum(-1).max().item()
     count = math.ceil((above + 4 * math.sqrt(above) + 8) * n / m)
-    return None if count > n * WINDOW else (lo, count)
+    return lo, count, start
 
 
-def keep_exact(out: Tensor, rows: Tensor, k: Tensor, top: Tensor, lo: Tensor, exact: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
-    """Thresholds ``out`` (``(rows, 3)``) solved from the ``topk`` values ``top`` of ``rows`` above
-    ``lo`` (:func:`lower_bound`), kept where provably exact: the ``topk`` reached below ``lo`` and
-    ``t >= lo``; slices with ``+inf`` or NaN leaders, and the others, are solved by ``exact`` on
-    the whole row. The scores left out lie below ``t``, so the lower clamp bound becomes ``-inf``."""
-    valid = (top[:, -1] <= lo[:, 0]) & (out[:, 0] >= lo[:, 0]) & torch.isfinite(top[:, 0])
-    out[:, 1] = -torch.inf
-    if not bool(valid.all()):
-        out[~valid] = exact(rows[~valid], k[~valid])
+_CHUNK = 16  # top_above's chunk length
+
+
+def _pack(values: Tensor, keep: Tensor, fill: float) -> Tensor:
+    """The entries of ``values`` (``(rows, m)``) where ``keep``, moved to the front of each row in their
+    order, the rows padded with ``fill`` to the longest (at least one column)."""
+    r = values.shape[0]
+    row, col = keep.nonzero(as_tuple=True)
+    counts = torch.bincount(row, minlength=r)
+    place = torch.arange(row.numel(), device=values.device) - (counts.cumsum(0) - counts)[row]
+    out = values.new_full((r, max(1, int(counts.max()) if r else 1)), fill)
+    out[row, place] = values[row, col]
+    return out
+
+
+def top_above(rows: Tensor, lo: Tensor) -> Tensor | None:
+    """Every value of ``rows`` above ``lo`` (``(rows, 1)``) and every NaN, unordered, in short rows padded
+    with ``-inf``; found without ``topk`` or a mask over whole rows: each row is read as
+    16 interleaved slices, whose elementwise maximum (one cheap pass) picks the columns that hold such
+    an entry, and only those columns are kept. ``None`` when they hold over a quarter of the rows (a
+    pass over whole rows is then cheaper)."""
+    r, n = rows.shape
+    cols = n // _CHUNK
+    bound = lo.to(rows.dtype)
+    body = rows[:, : cols * _CHUNK].reshape(r, _CHUNK, cols)  # column j: rows[j], rows[j + cols], ...
+    peak = body.amax(1)
+    hit = ~(peak <= bound)  # columns with an entry above lo or a NaN
+    if int(hit.sum(-1).max()) * _CHUNK > n // 4:
+        return None
+    index = _pack(torch.arange(cols, device=rows.device).expand(r, cols), hit, -1)
+    picked = body.gather(2, index.clamp(min=0).unsqueeze(1).expand(r, _CHUNK, index.shape[-1]))
+    picked = torch.cat([picked.reshape(r, -1), rows[:, cols * _CHUNK :]], -1)
+    return _pack(picked, ~(picked <= bound), -torch.inf)
+
+
+def row_sum(t: Tensor) -> Tensor:
+    """``t.sum(-1)`` of a ``(rows, n)`` tensor as float64: float32 sums of chunks of 256, added in float64.
+    As cheap as a plain float32 sum (several times cheaper than one accumulating in float64 on the CPU)
+    and about 30x more accurate for long rows; sums of integers (counts) are exact."""
+    if t.dtype == torch.float64:
+        return t.sum(-1)
+    r, n = t.shape
+    whole = n - n % 256
+    head = t[:, :whole].reshape(r, whole // 256, 256).sum(-1).to(torch.float64).sum(-1)
+    return head + t[:, whole:].sum(-1, dtype=torch.float64)
+
+
+def refine(rows: Tensor, k: Tensor, start: Tensor, measure: Callable, max_steps: int = 40) -> tuple[Tensor, Tensor]:
+    """The threshold of each row of finite scores by a safeguarded Newton-type iteration: ``(t, ok)``.
+
+    ``measure(rows, at, state)`` evaluates the row sum at ``at`` (``(rows, 1)`` float64 values that are
+    exact in ``rows``' dtype, so ``rows - at`` needs no float64 copy) in a few fused passes and returns
+    ``(proposal, high, done, state)``: the next iterate (``(rows,)`` float64, from the piece of the sum
+    that holds ``at``), whether the sum at ``at`` exceeds ``k`` (the threshold lies above), whether the
+    proposal is provably the threshold (to the working precision; a proposal that rounds to ``at``
+    itself also ends the row), and what the next call needs
+    (``state`` is ``None`` on the first call; ``state["newton"]`` tells ``measure`` whether ``at`` was
+    its own previous proposal). A bracket of the evaluated points keeps the iteration safe: a proposal
+    outside it is replaced by the bracket's midpoint, or, while a side is open, by a step that doubles;
+    a long step (over 1, the width of ``F``'s slope, where the model is poor) in the direction of the
+    previous one is stretched while a side is open (doubling while that lasts), and replaced by the
+    midpoint once the bracket is closed.
+    ``ok`` is False for rows not done after ``max_steps`` evaluations (the caller solves them otherwise)."""
+    r = rows.shape[0]
+    f64 = dict(dtype=torch.float64, device=rows.device)
+    lo, hi = torch.full((r,), -torch.inf, **f64), torch.full((r,), torch.inf, **f64)
+    width = torch.ones(r, **f64)
+    t, result = start, torch.full((r,), torch.nan, **f64)
+    finished = torch.zeros(r, dtype=torch.bool, device=rows.device)
+    state, last_high, boost = None, None, torch.ones(r, **f64)
+    for _ in range(max_steps):
+        at = t.to(rows.dtype).to(torch.float64)
+        proposal, high, done, state = measure(rows, at.unsqueeze(-1), state)
+        # a finite proposal that rounds to the point just evaluated: no score lies strictly between them,
+        # the piece holds it up to scores tied with that point (an error within the scores' rounding)
+        done = done | ((proposal.to(rows.dtype).to(torch.float64) == at) & torch.isfinite(proposal))
+        result = torch.where(done & ~finished, proposal, result)
+        finished = finished | done
+        if bool(finished.all()):
+            break
+        lo, hi = torch.where(high, torch.maximum(lo, at), lo), torch.where(high, hi, torch.minimum(hi, at))
+        long = (proposal - at).abs() > 1
+        closed = torch.isfinite(lo) & torch.isfinite(hi)
+        far = long & ~closed & (high == last_high) if last_high is not None else torch.zeros_like(high)
+        boost = torch.where(far, 2 * boost, 1)
+        proposal, last_high = at + boost * (proposal - at), high
+        inside = (proposal > lo) & (proposal < hi) & ~(long & closed)  # False for NaN; bisect long steps
+        grow = ~inside & ~closed
+        outward = torch.where(high, at + width, at - width)
+        width = torch.where(grow, 2 * width, width)
+        t = torch.where(inside, proposal, torch.where(closed, (lo + hi) / 2, outward))
+        state["newton"] = inside
+    return result, finished
+
+
+def solve_window(top: Tensor, k: Tensor, lo: Tensor, measure: Callable) -> tuple[Tensor, Tensor]:
+    """``(out, ok)`` for :func:`long_rows`' ``windowed``: :func:`refine` from ``lo`` on the values
+    ``top`` above ``lo`` (:func:`top_above`) with ``measure(k, top, which)`` (``which`` selects the rows
+    solved: those without ``+inf`` or NaN); ``ok`` where that is provably
+    the threshold of the whole row: solved, ``t >= lo`` and no ``+inf`` or NaN in ``top``. The scores
+    left out lie below ``t``, so the lower clamp bound is ``-inf``."""
+    r = top.shape[0]
+    out = torch.empty((r, 3), dtype=torch.float64, device=top.device)
+    out[:, 1], out[:, 2] = -torch.inf, torch.inf
+    ok = ~(top == torch.inf).any(-1) & ~torch.isnan(top).any(-1)
+    if bool(ok.all()):
+        out[:, 0], done = refine(top, k, lo[:, 0], measure(k, top, slice(None)))
+    else:
+        out[:, 0], done = torch.nan, torch.zeros_like(ok)
+        if bool(ok.any()):
+            out[ok, 0], done[ok] = refine(top[ok], k[ok], lo[ok, 0], measure(k[ok], top[ok], ok))
+    return out, ok & done & (out[:, 0] >= lo[:, 0])
+
+
+def long_rows(z: Tensor, k: Tensor, portable: Callable, windowed: Callable, measure: Callable) -> Tensor:
+    """The CPU path of a threshold op (``z (..., n)``, ``k (...)`` -> ``(t, lo, hi) (..., 3)``) for long rows,
+    without sorting them; ``portable`` (the sorted search, exact for any input) for short rows, for
+    ``k`` at 0 or n, and for the rows below that it does not settle.
+
+    A strided sub-sample gives a lower bound ``t_lo`` of each threshold, an estimate of how many
+    scores exceed it and a first estimate of the threshold (:func:`lower_bound`). When that count is
+    at most ``WINDOW`` of the rows,
+    ``windowed(rows, k, t_lo, count)`` solves from the scores above ``t_lo`` alone (:func:`top_above`,
+    :func:`solve_window`: the thresholds and which of them are proven, or ``None``). Otherwise, and for
+    the rows it does not prove, :func:`refine` iterates over whole rows from the sub-sample's
+    threshold, with ``measure(k, rows)`` building its evaluation; rows with ``±inf`` or NaN scores
+    keep the sorted search's rules (``portable``)."""
+    rows, n = z.reshape(-1, z.shape[-1]), z.shape[-1]
+    kr = k.reshape(-1)
+    if n < 8 * _SAMPLE or not bool(((kr >= 1) & (kr <= n - 1)).all()):
+        return portable(z, k)
+    lo, count, start = lower_bound(rows, kr, lambda sample, ks: portable(sample, ks)[..., 0])
+    found = windowed(rows, kr, lo, count) if count <= n * WINDOW else None
+    if found is not None:
+        out, ok = found
+    else:
+        out = torch.empty((rows.shape[0], 3), dtype=torch.float64, device=z.device)
+        ok = torch.zeros(rows.shape[0], dtype=torch.bool, device=z.device)
+    if not bool(ok.all()):
+        rest = slice(None) if not bool(ok.any()) else ~ok
+        out[rest] = _newton(rows[rest], kr[rest], start[rest], portable, measure)
+    return out.reshape(*z.shape[:-1], 3)
+
+
+def _newton(rows: Tensor, k: Tensor, start: Tensor, portable: Callable, measure: Callable) -> Tensor:
+    out = torch.empty((rows.shape[0], 3), dtype=torch.float64, device=rows.device)
+    out[:, 1], out[:, 2] = -torch.inf, torch.inf  # finite rows: nothing to clamp
+    ok = torch.isfinite(row_sum(rows))  # a sum over a row with ±inf or NaN is not finite
+    if bool(ok.all()):
+        out[:, 0], ok = refine(rows, k, start, measure(k, rows))
+    elif bool(ok.any()):
+        out[ok, 0], ok[ok.clone()] = refine(rows[ok], k[ok], start[ok], measure(k[ok], rows[ok]))
+    if not bool(ok.all()):
+        out[~ok] = portable(rows[~ok], k[~ok])
     return out
 
 
@@ -151,6 +298,15 @@ def threshold_op(name: str, portable: Callable, cpu: Callable):
     """The custom op ``khot::name`` of a threshold search: scores ``z (..., n)`` and ``k`` to
     ``(t, lo, hi)`` per slice (float64, ``(..., 3)``), with its CPU path."""
     return custom_op(name, portable, cpu=cpu, fake=lambda z, k: z.new_empty((*z.shape[:-1], 3), dtype=torch.float64))
+
+
+def scores_and_threshold(op, x: Tensor, k: Tensor, tau: Tensor):
+    """``(z, t, lo, hi)``: the scores ``z = x / τ`` in the work dtype (a new tensor, free to overwrite) and
+    the threshold op's ``(t, lo, hi)`` columns (``(..., 1)`` each, float64); ``None`` for empty slices."""
+    z = x.to(work_dtype(x)) / tau
+    if z.shape[-1] == 0:
+        return None
+    return (z, *op(z, k).split(1, -1))
 
 
 def shifted(z: Tensor, t: Tensor, inplace: bool = False) -> Tensor:

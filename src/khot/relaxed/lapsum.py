@@ -23,7 +23,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._threshold import Rows, finite_range_sorted, keep_exact, largest_index, lower_bound, shifted, threshold_function, threshold_op, work_dtype
+from ._threshold import (
+    Rows,
+    finite_range_sorted,
+    largest_index,
+    long_rows,
+    row_sum,
+    scores_and_threshold,
+    shifted,
+    solve_window,
+    threshold_function,
+    threshold_op,
+    top_above,
+)
 
 __all__ = ["DEFAULT_TEMPERATURE", "lapsum_topk"]
 
@@ -64,7 +76,8 @@ def _core(z: Tensor, k: Tensor, log_below: Tensor | float = -torch.inf) -> Tenso
     top = torch.where(torch.isfinite(top), top, 0)  # only k = 0 or k = n, replaced below
     h = top + torch.log(torch.exp(lc - top) + torch.sqrt(torch.exp(2 * (lc - top)) + torch.exp(2 * (half - top))))
     t = torch.where(c >= 0, h - lb, la - h)
-    t = torch.where(k <= 0, torch.inf, torch.where(k >= n, -torch.inf, t)) + s[..., -1:] * 0  # NaN slices stay NaN
+    everything = (k >= n) & (torch.as_tensor(log_below, dtype=s.dtype) == -torch.inf)  # k = n: all ones
+    t = torch.where(k <= 0, torch.inf, torch.where(everything, -torch.inf, t)) + s[..., -1:] * 0  # NaN slices stay NaN
     return torch.cat([t, lo.to(torch.float64), hi.to(torch.float64)], -1)
 
 
@@ -72,39 +85,76 @@ def _threshold_portable(z: Tensor, k: Tensor) -> Tensor:
     return _core(z, k)
 
 
-def _threshold_cpu(z: Tensor, k: Tensor) -> Tensor:
-    """The same threshold from the largest scores only (long rows on the CPU): a strided sub-sample
-    gives a likely lower bound ``t_lo`` of ``t``; one ``topk`` takes the scores above it, the rest
-    enter through one sum, ``Σ e^{z - t_lo}`` over the row (``z <= t_lo``). Exact when the
-    ``topk`` reached below ``t_lo`` and ``t >= t_lo`` (checked); otherwise a full sort."""
-    rows, n = z.reshape(-1, z.shape[-1]), z.shape[-1]
-    kr = k.reshape(-1)
-    bounds = lower_bound(rows, kr, lambda s, ks: _core(s, ks)[..., 0])
-    if bounds is None:
-        return _core(z, k)
-    lo, count = bounds
-    top = rows.topk(count, -1).values  # descending
-    window = top > lo
+def _windowed(rows: Tensor, k: Tensor, lo: Tensor, count: int):
+    """From the scores above ``lo`` (:func:`top_above`); the others, below ``t`` when ``t >= lo``, enter
+    through one sum, ``Σ e^{z - lo}`` (:func:`_measure`'s ``below``)."""
+    top = top_above(rows, lo)  # every score above lo
+    if top is None:
+        return None
     # Σ_{z <= lo} e^{z - lo}: every entry above lo adds exactly e^0 = 1 in the clamped sum
-    shift = lo.to(rows.dtype)  # exactly the shift used, in the scores' dtype
-    low = torch.sub(rows, shift).clamp_(max=0).exp_().sum(-1, keepdim=True, dtype=torch.float64)
-    low = (low - window.sum(-1, keepdim=True)).clamp(min=0)
-    out = _core(torch.where(window, top, -torch.inf), kr, torch.log(low) + shift.to(torch.float64))
-    return keep_exact(out, rows, kr, top, lo, _core).reshape(*z.shape[:-1], 3)  # left-out scores: p from F
+    low = row_sum(torch.sub(rows, lo.to(rows.dtype)).clamp_(max=0).exp_())
+    low = (low - (top > lo).sum(-1)).clamp(min=0)
+    return solve_window(top, k, lo, lambda k, top, which: _measure(k, top, (lo[which], low[which]), rows.shape[-1]))
+
+
+def _measure(k: Tensor, rows: Tensor, below: tuple[Tensor, Tensor] | None = None, n: int | None = None):
+    """:func:`refine`'s evaluation of ``S(t) = Σ F(z - t)`` for the targets ``k``. With ``u = z - t``,
+    ``P = Σ_{u<0} e^u``, ``Q = Σ_{u>0} e^{-u}`` and ``a = #{u > 0}`` (ties at 0 count half on each
+    side), ``S(t + d) = P e^{-d} / 2 + a - Q e^{d} / 2`` for every ``d`` that moves no score across
+    the threshold: the step solves that quadratic in ``e^d`` (the module docstring's closed form).
+    Scores that do cross are off by at most ``cosh(d) - 1`` each, so the step is exact to within
+    ``n (cosh d - 1)`` in ``S`` (F is C¹ at 0): the row is done once that bound, divided by the least
+    slope ``S'`` on the way, is below the working precision. Six arithmetic passes and three sums
+    into two scratch rows allocated once. ``below = (lo, low)`` adds scores left out of ``rows`` that
+    all lie below ``lo`` (``(rows, 1)``) with ``Σ e^{z - lo} = low``; ``n`` counts every score of the
+    row (for the bound)."""
+    total = rows.shape[-1] if n is None else n
+    shifted_, signs = torch.empty_like(rows), torch.empty_like(rows)
+    tol = 2.0**-32 if rows.dtype != torch.float64 else 2.0**-50
+
+    def measure(rows: Tensor, at: Tensor, state: dict | None):
+        u = torch.sub(rows, at.to(rows.dtype), out=shifted_)
+        sign = torch.sign(u, out=signs)
+        e = u.abs_().neg_().exp_()  # e^{-|u|}
+        sum_e, sum_sign = row_sum(e), row_sum(sign)
+        sum_se = row_sum(sign.mul_(e))
+        p, q, a = (sum_e - sum_se) / 2, (sum_e + sum_se) / 2, (rows.shape[-1] + sum_sign) / 2
+        if below is not None:
+            p = p + below[1] * torch.exp(below[0] - at).squeeze(-1)
+        c = a - k
+        r = torch.sqrt(c * c + p * q)
+        # d = log(e^d), the positive root of q y² - 2 c y - p = 0, in a form without cancellation
+        d = torch.where(c >= 0, torch.log(c + r) - torch.log(q), torch.log(p) - torch.log(r - c))
+        at = at.squeeze(-1)
+        step = d.abs()
+        bound = total * (torch.cosh(step) - 1) * torch.exp(step + 1) / ((p + q) / 2)  # t within 1: S' >= e^{-d-1} (P + Q) / 2
+        proposal = at + d
+        done = bound <= tol * proposal.abs().clamp(min=1)
+        return proposal, p / 2 + a - q / 2 > k, done, state or {}
+
+    return measure
+
+
+def _threshold_cpu(z: Tensor, k: Tensor) -> Tensor:
+    """The same threshold without sorting long rows (:func:`long_rows`): from the few scores above a
+    bound when ``k`` is small, else by closed-form steps over the whole row (:func:`_measure`)."""
+    return long_rows(z, k, _core, _windowed, _measure)
 
 
 _threshold = threshold_op("lapsum_threshold", _threshold_portable, _threshold_cpu)
 
 
 def _solve(x: Tensor, k: Tensor, tau: Tensor) -> Tensor:
-    dtype = work_dtype(x)
-    z = x.to(dtype) / tau
-    if z.shape[-1] == 0:
+    found = scores_and_threshold(_threshold, x, k, tau)
+    if found is None:
         return torch.zeros_like(x)
-    t, lo, hi = _threshold(z, k).split(1, -1)
-    u = shifted(z.clamp_(lo.to(dtype), hi.to(dtype)), t, inplace=True)
-    e = torch.abs(u).neg_().exp_().mul_(0.5)
-    return torch.where(u <= 0, e, 1 - e).to(x.dtype)
+    z, t, lo, hi = found
+    u = shifted(z.clamp_min_(lo.to(z.dtype)).clamp_max_(hi.to(z.dtype)), t, inplace=True)
+    e = torch.abs(u).neg_().exp_().mul_(0.5)  # F(u) for u <= 0, 1 - F(u) above
+    above = torch.sign(u).clamp_min_(0)  # 1 where u > 0, else 0 (NaN stays NaN)
+    # e + above (1 - 2 e): e itself below (full relative precision in the tail), 1 - e above; arithmetic
+    # instead of torch.where, which costs about as much as the rest of the forward on the CPU
+    return torch.addcmul(e, above, e, value=-2).add_(above).to(x.dtype)
 
 
 _LapSumTopK = threshold_function("_LapSumTopK", _solve, lambda p: torch.minimum(p, 1 - p))

@@ -27,13 +27,15 @@ from torch import Tensor
 from ._threshold import (
     Rows,
     finite_range_sorted,
-    keep_exact,
     largest_index,
-    lower_bound,
+    long_rows,
+    row_sum,
+    scores_and_threshold,
     shifted,
+    solve_window,
     threshold_function,
     threshold_op,
-    work_dtype,
+    top_above,
 )
 
 __all__ = ["DEFAULT_TEMPERATURE", "sparse_topk"]
@@ -77,41 +79,63 @@ def _threshold_portable(z: Tensor, k: Tensor) -> Tensor:
     return torch.cat([t, lo.to(torch.float64), hi.to(torch.float64)], -1)
 
 
-def _threshold_cpu(z: Tensor, k: Tensor) -> Tensor:
-    """The same threshold, sorting only the largest scores (long rows on the CPU).
+def _measure(k: Tensor, rows: Tensor):
+    """:func:`refine`'s evaluation of ``S(t) = Σ clip(z - t, 0, 1)`` for the targets ``k``: the Newton
+    step on the piece to the right of ``t`` (``t + (S - k) / #free``), exact once the sets of zeros,
+    free entries and ones stay the same between two Newton iterates (``S`` is then linear between
+    them and the previous step landed on its root). Four arithmetic passes and three sums into two
+    scratch rows allocated once (ceil and floor count the sets: comparisons, their masks and fresh
+    allocations each cost several passes on the CPU)."""
+    clipped, ones_at = torch.empty_like(rows), torch.empty_like(rows)
 
-    A strided sub-sample gives a lower bound ``t_lo`` of ``t`` and an estimate of how many scores
-    exceed it; one ``topk`` takes that many (with a margin) from each slice, and the threshold is
-    solved on them alone (the scores ``<= t_lo`` are zeros). It is exact when the ``topk`` reached
-    below ``t_lo`` and ``t >= t_lo`` (both checked); otherwise, and when too many scores exceed
-    ``t_lo``, the slices take the full sort.
-    """
-    rows, n = z.reshape(-1, z.shape[-1]), z.shape[-1]
-    kr = k.reshape(-1)
-    bounds = lower_bound(rows, kr, lambda s, ks: _threshold_portable(s, ks)[..., 0])
-    if bounds is None:
-        return _threshold_portable(z, k)
-    lo, count = bounds
-    top = rows.topk(count, -1).values  # descending
-    out = _threshold_portable(torch.where(top > lo, top, -torch.inf), kr)  # -inf: sorts first, weighs nothing
-    return keep_exact(out, rows, kr, top, lo, _threshold_portable).reshape(*z.shape[:-1], 3)  # left out: zeros
+    def measure(rows: Tensor, at: Tensor, state: dict | None):
+        c = torch.sub(rows, at.to(rows.dtype), out=clipped).clamp_(0, 1)
+        total = row_sum(c)
+        ones = row_sum(torch.floor(c, out=ones_at))  # z - t >= 1
+        free = row_sum(c.ceil_()) - ones  # 0 < z - t < 1
+        at = at.squeeze(-1)
+        flat = (free == 0) & (total == k)  # S = k on a flat piece (integer k): any t there
+        proposal = torch.where(flat, at, at + (total - k) / free)  # ±inf or NaN on other flat pieces
+        done = flat
+        if state is not None:
+            done = done | ((free == state["free"]) & (ones == state["ones"]) & state["newton"] & (free > 0))
+        return proposal, total > k, done, {"free": free, "ones": ones}
+
+    return measure
+
+
+def _windowed(rows: Tensor, k: Tensor, lo: Tensor, count: int):
+    top = top_above(rows, lo)  # every score above lo; the others are zeros when t >= lo
+    return None if top is None else solve_window(top, k, lo, lambda k, top, which: _measure(k, top))
+
+
+def _threshold_cpu(z: Tensor, k: Tensor) -> Tensor:
+    """The same threshold without sorting long rows (:func:`long_rows`): from the few scores above a
+    bound when ``k`` is small, else by Newton steps over the whole row (:func:`_measure`)."""
+    return long_rows(z, k, _threshold_portable, _windowed, _measure)
 
 
 _threshold = threshold_op("sparse_threshold", _threshold_portable, _threshold_cpu)
 
 
 def _solve(x: Tensor, k: Tensor, tau: Tensor) -> Tensor:
-    dtype = work_dtype(x)
-    z = x.to(dtype) / tau
-    if z.shape[-1] == 0:
+    found = scores_and_threshold(_threshold, x, k, tau)
+    if found is None:
         return torch.zeros_like(x)
-    t, lo, hi = _threshold(z, k).split(1, -1)
-    # clip(clip(z, lo, hi) - t, 0, 1) as one clamp of z - t (in place: z is ours)
-    floor, ceil = (lo - t).clamp(0, 1).to(dtype), (hi - t).clamp(0, 1).to(dtype)
-    return shifted(z, t, inplace=True).clamp_(floor, ceil).to(x.dtype)
+    z, t, lo, hi = found
+    # clip(clip(z, lo, hi) - t, 0, 1) as one clamp of z - t (in place: z is ours; two one-sided
+    # clamps, which are several times cheaper on the CPU than one with two tensor bounds)
+    floor, ceil = (lo - t).clamp(0, 1).to(z.dtype), (hi - t).clamp(0, 1).to(z.dtype)
+    return shifted(z, t, inplace=True).clamp_min_(floor).clamp_max_(ceil).to(x.dtype)
 
 
-_SparseTopK = threshold_function("_SparseTopK", _solve, lambda p: ((p > 0) & (p < 1)).to(p.dtype))
+def _weights(p: Tensor) -> Tensor:
+    # 1 on the free set 0 < p < 1, else 0 (also in a NaN slice: finite gradients): frac(p) is p there
+    # and 0 at p = 0 or 1; arithmetic, as comparisons and their masks cost several passes on the CPU
+    return torch.frac(p).sign_().nan_to_num_(0.0)
+
+
+_SparseTopK = threshold_function("_SparseTopK", _solve, _weights)
 
 
 def sparse_topk(x: Tensor, k: float | Tensor, dim: int = -1, *, temperature: float | Tensor = DEFAULT_TEMPERATURE) -> Tensor:
