@@ -30,8 +30,9 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     if args.clock == "thread":
         torch.set_num_threads(1)
+    clock = time.thread_time if args.clock == "thread" else time.perf_counter
     if args.sharp:
-        return sharp(args.repeats, time.thread_time if args.clock == "thread" else time.perf_counter)
+        return sharp(args.repeats, clock)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, CPU\n")
 
     x = torch.randn(4, 10**6, requires_grad=True)
@@ -39,11 +40,11 @@ def main(argv=None) -> None:
     print(f"{'(4, 10^6)':<26}{'softmax ms':>11}{'ms':>9}{'vs softmax':>12}")
     for k in (10, 10**5, 5 * 10**5, 10**6 - 10):
         soft, t = interleaved_ms(
-            [lambda: torch.softmax(x, -1).backward(g), lambda: sigmoid_topk(x, k).backward(g)], args.repeats
+            [lambda: torch.softmax(x, -1).backward(g), lambda: sigmoid_topk(x, k).backward(g)], args.repeats, clock=clock
         )
         print(f"{f'fwd+bwd k={k}':<26}{soft:11.2f}{t:9.2f}{t / soft:12.2f}")
     xd = x.detach()
-    soft, fwd = interleaved_ms([lambda: torch.softmax(xd, -1), lambda: sigmoid_topk(xd, 10**5)], args.repeats)
+    soft, fwd = interleaved_ms([lambda: torch.softmax(xd, -1), lambda: sigmoid_topk(xd, 10**5)], args.repeats, clock=clock)
     print(f"{'forward only, k=10^5':<26}{soft:11.2f}{fwd:9.2f}{fwd / soft:12.2f}")
 
     print(f"\n{'n (batch 4, k = n/10)':<24}{'fwd+bwd ms':>12}{'ns/element':>12}{'softmax ns/el':>15}")
@@ -54,6 +55,7 @@ def main(argv=None) -> None:
         s, t = interleaved_ms(
             [lambda: torch.softmax(x, -1).backward(g), lambda: sigmoid_topk(x, n / 10).backward(g)],
             args.repeats if e < 7 else 5,
+            clock=clock,
         )
         per = 1e6 / (4 * n)
         print(f"{f'10^{e}':<24}{t:12.3f}{t * per:12.3f}{s * per:15.3f}")
