@@ -12,8 +12,10 @@ $(STAMP): pyproject.toml requirements-dev.txt
 	$(BIN)/python -m pip install --quiet -e '.[bench,peers]'
 	touch $@
 
+# one thread: on a shared 2-core machine, OpenMP's second thread stalls every parallel op while
+# another job holds a core (calls 20-300x slower, measured); `khot bench --help` for the options, --full for the long run
 bench: $(STAMP)
-	$(BIN)/khot bench
+	$(BIN)/khot bench --threads 1
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -26,8 +26,9 @@ Suites: selection (the successive-halving paper's grid, nCCS; Pietruszka et al. 
 |Σ - k|, gradient checks), exact (against torch.topk + scatter), sampling (πps designs:
 chi-square test of the inclusion probabilities, time) and tasks (the same small models trained
 through each relaxation and sampler, 3 seeds: pixel selection and kNN on scikit-learn's digits,
-a TopK sparse autoencoder). The defaults take a few minutes on an idle 2-core CPU; --full runs
-the published grids. Writes results.csv (one row per measurement, flushed as it goes),
+a TopK sparse autoencoder). The defaults take about three minutes of one CPU core (--threads 1);
+--full runs the published grids with more draws, finite differences on every item and longer
+training (hours). Writes results.csv (one row per measurement, flushed as it goes),
 report.md and PNG plots to --out. A cell that cannot run within the budgets gets a row that
 says why. Ctrl-C stops and still writes the report.
 
@@ -217,7 +218,7 @@ def _values(name: str, values) -> str:
 def _scope(suites: dict, tasks: list, full: bool) -> list[str]:
     """What the run covered, suite by suite, and what ``--full`` adds to a default run."""
     from .bench.suites import DRAWS, FULL_DRAWS
-    from .bench.tasks import STEPS
+    from .bench.tasks import SAE_BATCH, STEPS
 
     lines = []
     for name, suite in suites.items():
@@ -228,7 +229,7 @@ def _scope(suites: dict, tasks: list, full: bool) -> list[str]:
         if name == "tasks":
             seeds = tasks[0].settings.seed
             steps = ", ".join(f"{task} {STEPS[task][full]}" for task in STEPS)
-            text += f", seeds {', '.join(str(seeds + i) for i in range(cells[0].batch))}, training steps: {steps}"
+            text += f", seeds {', '.join(str(seeds + i) for i in range(cells[0].batch))}, training steps: {steps}, sae batch {SAE_BATCH[full]}"
         if name == "sampling":
             text += f", at most {FULL_DRAWS if full else DRAWS} draws of one slice per design"
         if not full:
@@ -237,7 +238,7 @@ def _scope(suites: dict, tasks: list, full: bool) -> list[str]:
             if more:
                 extra.append(f"{len(more)} more cells, {_values('n', (c.n for c in more))}")
             if name == "tasks":
-                extra.append("training steps " + ", ".join(f"{task} {STEPS[task][True]}" for task in STEPS))
+                extra.append("training steps " + ", ".join(f"{task} {STEPS[task][True]}" for task in STEPS) + f", sae batch {SAE_BATCH[True]}")
             if name == "sampling":
                 extra.append(f"{FULL_DRAWS} draws")
             if extra:

@@ -600,6 +600,8 @@ def _measure_tasks(method: Method, cell: Cell, s: Settings) -> dict:
         return {"status": "n/a"}  # another task's baseline
     steps = tasks.STEPS[cell.task][s.full]
     options = {"steps": steps, **({"eval_steps": tasks.EVAL_STEPS} if cell.task == "features" else {})}
+    if cell.task == "sae":
+        options["batch"] = tasks.SAE_BATCH[s.full]
     values, start, threads = [], time.perf_counter(), torch.get_num_threads()
     torch.set_num_threads(1)  # models this small only lose time to OpenMP synchronisation (20x on a busy 2-core CPU)
     try:

@@ -180,6 +180,7 @@ def sae(mask, k: int, seed: int, steps: int = 200, d: int = 32, latents: int = 1
 # trains for EVAL_STEPS either way
 STEPS = {"features": (150, 300), "knn": (50, 100), "sae": (100, 200)}
 EVAL_STEPS = 300
+SAE_BATCH = (64, 128)  # training batch of the sae task: (default run, --full)
 
 # name: (function, baselines, k values of the default run, metric label, higher is better)
 TASKS = {
