@@ -24,6 +24,19 @@ def _fake(pi: Tensor, total: Tensor, u: Tensor) -> Tensor:
     return torch.empty_like(pi, dtype=torch.bool)
 
 
+def _pin(size: Tensor, M, deficit: Tensor) -> Tensor:
+    """The correction of :func:`lengths` to ``size`` (rows, m) so that it gains ``deficit`` (rows, 1)
+    units: a shortfall fills the slack of the first fractional items, an excess truncates the
+    last ones."""
+    fractional = (size > 0) & (size < M)
+    slack = torch.where(fractional, M - size, 0)
+    fill = (deficit.clamp_min(0) - (slack.cumsum(1) - slack)).clamp_min(0)
+    room = torch.where(fractional, size, 0)
+    later = room.flip(1).cumsum(1).flip(1) - room
+    cut = ((-deficit).clamp_min(0) - later).clamp_min(0)
+    return torch.minimum(fill, slack) - torch.minimum(cut, room)
+
+
 def lengths(pi: Tensor, total: Tensor, bits: int) -> tuple[Tensor, Tensor, int]:
     """Integer lengths of the items, in units of ``1 / M``, ``M = 2**b``,
     ``b = min(52, bits - bit_length(n + 1))``, pinned to the sample size ``total``.
@@ -42,15 +55,39 @@ def lengths(pi: Tensor, total: Tensor, bits: int) -> tuple[Tensor, Tensor, int]:
     whole = total.unsqueeze(1).floor()
     target = whole.long() * M + ((total.unsqueeze(1) - whole) * M).round().long()  # exact for the integer part
     c = (target + (M - 1)) >> b
-    have = size.sum(1, keepdim=True)
-    fractional = (size > 0) & (size < M)
-    slack = torch.where(fractional, M - size, 0)
-    fill = ((target - have).clamp_min(0) - (slack.cumsum(1) - slack)).clamp_min(0)
-    room = torch.where(fractional, size, 0)
-    later = room.flip(1).cumsum(1).flip(1) - room
-    cut = ((have - target).clamp_min(0) - later).clamp_min(0)
-    size += torch.minimum(fill, slack) - torch.minimum(cut, room)
+    size += _pin(size, M, target - size.sum(1, keepdim=True))
     return torch.cat([c * M - target, size], dim=1), c, b
+
+
+_WINDOW = 32
+
+
+def lengths_float(pi: Tensor, total: Tensor) -> tuple[Tensor, Tensor, float]:
+    """:func:`lengths` with ``bits = 52`` held in float64 (every length, sum of lengths and
+    difference of them is an integer below ``2**53``: exact), for Brewer's method and conditional
+    Poisson: ``(lengths, c, M)``, all float64. The same values as :func:`lengths`, faster: the
+    correction usually touches only a few items at either end, so it is made on the first or last
+    ``_WINDOW`` items when their slack or room suffices (a data-dependent choice, which those
+    designs' loops make anyway), on all of them otherwise."""
+    rows, n = pi.shape
+    M = float(1 << (52 - (n + 1).bit_length()))
+    size = pi.to(torch.float64, copy=True).mul_(M).floor_()  # a copy: pi may be a view, even expanded
+    t = total.unsqueeze(1)
+    whole = t.floor()
+    target = whole * M + ((t - whole) * M).round()
+    c = (target / M).ceil_()
+    deficit = target - size.sum(1, keepdim=True)
+    w = min(n, _WINDOW)
+    head, tail = size[:, :w], size[:, n - w :]
+    enough = (deficit <= torch.where((head > 0) & (head < M), M - head, 0).sum(1, keepdim=True)) & (
+        -deficit <= torch.where((tail > 0) & (tail < M), tail, 0).sum(1, keepdim=True)
+    )
+    if w == n or not bool(enough.all()):
+        size += _pin(size, M, deficit)
+    else:
+        head += _pin(head, M, deficit.clamp_min(0))
+        tail += _pin(tail, M, deficit.clamp_max(0))
+    return torch.cat([c * M - target, size], dim=1), c, M
 
 
 def _systematic(pi: Tensor, total: Tensor, u: Tensor) -> Tensor:
@@ -74,14 +111,13 @@ def _brewer(pi: Tensor, total: Tensor, u: Tensor) -> Tensor:
     weight 0; finished rows draw a dummy column.
     """
     rows, n = pi.shape
-    size, c, b = lengths(pi, total, 52)
-    M = float(1 << b)
-    s = torch.cat([size.double(), torch.zeros(rows, 1, dtype=torch.float64, device=pi.device)], dim=1)  # dummy last
+    size, c, M = lengths_float(pi, total)
+    s = torch.cat([size, torch.zeros(rows, 1, dtype=torch.float64, device=pi.device)], dim=1)  # dummy last
     ones = s == M
     taken = ones.clone()
     s.masked_fill_(ones, 0.0)
     left = s.sum(1, keepdim=True)  # the length still to cover: (draws still to make) * M
-    draws = c - ones.sum(1, keepdim=True)
+    draws = (c - ones.sum(1, keepdim=True)).long()
     steps = int(draws.max()) if rows else 0
     dummy = torch.full((rows, 1), n + 1, device=pi.device)
     w = torch.empty_like(s)
@@ -114,14 +150,20 @@ def _pareto(pi: Tensor, total: Tensor, u: Tensor) -> Tensor:
 
 
 def _conditional_poisson(pi: Tensor, total: Tensor, u: Tensor) -> Tensor:
-    n = pi.shape[1]
-    size, c, b = lengths(pi, total, 52)
-    q = size.double() / float(1 << b)  # phantom at 0; exact
+    size, c, M = lengths_float(pi, total)
+    q = size / M  # phantom at 0; exact
     ones = q == 1
-    draws = c.squeeze(1) - ones.sum(1)
+    draws = c.squeeze(1).long() - ones.sum(1)
     free = (q > 0) & ~ones
+    # a row drawing more than half its free items samples the items it leaves out instead: the
+    # complement of a conditional Poisson sample is one (weights 1 / w, size n_free - k), with
+    # inclusion probabilities 1 - pi; the tables then need min(k, n_free - k) + 1 rows
+    flip = (2 * draws > free.sum(1)).unsqueeze(1)
+    q = torch.where(flip, 1 - q, q)
+    draws = torch.where(flip.squeeze(1), free.sum(1) - draws, draws)
     theta = _cp.working_logits(torch.where(free, q, 0.5), free, draws)
-    return (_cp.sample(theta, draws, u) | ones)[:, 1:].contiguous()
+    drawn = _cp.sample(theta, draws, u)
+    return (torch.where(flip, free & ~drawn, drawn) | ones)[:, 1:].contiguous()
 
 
 def _uniform_body(like: Tensor, rows: int, cols: int) -> Tensor:
