@@ -115,6 +115,7 @@ def largest_index(value: Callable[[Tensor], Tensor], k: Tensor, n: int, shape: t
 
 
 _SAMPLE = 4096  # sub-sample size per slice for the CPU paths' bracket
+_LADDER = 16  # the whole-row iteration starts from the threshold of every 16th score (long rows)
 WINDOW = 1 / 16  # the CPU paths solve from the scores above a bound when they are at most this fraction of a row
 
 
@@ -191,8 +192,8 @@ def refine(rows: Tensor, k: Tensor, start: Tensor, measure: Callable, max_steps:
     exact in ``rows``' dtype, so ``rows - at`` needs no float64 copy) in a few fused passes and returns
     ``(proposal, high, done, state)``: the next iterate (``(rows,)`` float64, from the piece of the sum
     that holds ``at``), whether the sum at ``at`` exceeds ``k`` (the threshold lies above), whether the
-    proposal is provably the threshold (to the working precision; a proposal that rounds to ``at``
-    itself also ends the row), and what the next call needs
+    proposal is provably the threshold (to the working precision; a proposal within the rows'
+    rounding of ``at``, ``eps |at|``, also ends the row), and what the next call needs
     (``state`` is ``None`` on the first call; ``state["newton"]`` tells ``measure`` whether ``at`` was
     its own previous proposal). A bracket of the evaluated points keeps the iteration safe: a proposal
     outside it is replaced by the bracket's midpoint, or, while a side is open, by a step that doubles;
@@ -207,12 +208,13 @@ def refine(rows: Tensor, k: Tensor, start: Tensor, measure: Callable, max_steps:
     t, result = start, torch.full((r,), torch.nan, **f64)
     finished = torch.zeros(r, dtype=torch.bool, device=rows.device)
     state, last_high, boost = None, None, torch.ones(r, **f64)
+    eps, tiny = torch.finfo(rows.dtype).eps, torch.finfo(rows.dtype).tiny
     for _ in range(max_steps):
         at = t.to(rows.dtype).to(torch.float64)
         proposal, high, done, state = measure(rows, at.unsqueeze(-1), state)
-        # a finite proposal that rounds to the point just evaluated: no score lies strictly between them,
-        # the piece holds it up to scores tied with that point (an error within the scores' rounding)
-        done = done | ((proposal.to(rows.dtype).to(torch.float64) == at) & torch.isfinite(proposal))
+        # a finite proposal within the rows' rounding of the point just evaluated (eps |at|, one or two
+        # units in the last place): scores that change piece in between are off by no more than that
+        done = done | ((proposal - at).abs() <= eps * at.abs().clamp(min=tiny))
         result = torch.where(done & ~finished, proposal, result)
         finished = finished | done
         if bool(finished.all()):
@@ -286,6 +288,12 @@ def _newton(rows: Tensor, k: Tensor, start: Tensor, portable: Callable, measure:
     out[:, 1], out[:, 2] = -torch.inf, torch.inf  # finite rows: nothing to clamp
     ok = torch.isfinite(row_sum(rows))  # a sum over a row with ±inf or NaN is not finite
     if bool(ok.all()):
+        n = rows.shape[-1]
+        if n >= _LADDER * 4 * _SAMPLE:  # a closer start: the threshold of every 16th score, from the sample's
+            coarse = rows[:, ::_LADDER].contiguous()
+            ks = k * (coarse.shape[-1] / n)
+            better, done = refine(coarse, ks, start, measure(ks, coarse))
+            start = torch.where(done, better, start)
         out[:, 0], ok = refine(rows, k, start, measure(k, rows))
     elif bool(ok.any()):
         out[ok, 0], ok[ok.clone()] = refine(rows[ok], k[ok], start[ok], measure(k[ok], rows[ok]))
