@@ -102,7 +102,13 @@ def finite_range_sorted(s: Tensor, margin: float) -> tuple[Tensor, Tensor]:
 def largest_index(value: Callable[[Tensor], Tensor], k: Tensor, n: int, shape: torch.Size) -> Tensor:
     """For each slice, the largest ``j`` in ``[-1, n - 1]`` with ``value(j) >= k``, where ``value`` is
     non-increasing in ``j`` and ``value(-1)`` counts as ``+inf``: a bisection of ``ceil(log2(n + 1))``
-    steps (a fixed count, no host synchronisation). ``value`` maps int64 indices of ``shape`` to values."""
+    steps (a fixed count, no host synchronisation). ``value`` maps int64 indices of ``shape`` to values,
+    column by column: it must also take ``c`` blocks of columns (``(..., c * m)``, block ``i`` for
+    column ``i``), which is how short slices are searched in one call instead (every index at once:
+    the count of indices with ``value >= k``, fewer and larger operations than the bisection)."""
+    if n * shape[-1] <= _DENSE:
+        every = torch.arange(n, device=k.device).repeat(shape[-1]).expand(*shape[:-1], n * shape[-1])
+        return (value(every) >= k).reshape(*shape[:-1], shape[-1], n).sum(-1) - 1
     lo = torch.full(shape, -1, dtype=torch.long, device=k.device)
     hi = torch.full(shape, n, dtype=torch.long, device=k.device)
     for _ in range(max(1, math.ceil(math.log2(n + 1)))):
@@ -114,6 +120,7 @@ def largest_index(value: Callable[[Tensor], Tensor], k: Tensor, n: int, shape: t
     return lo
 
 
+_DENSE = 2**14  # largest_index evaluates every index of slices up to this size (times columns)
 _SAMPLE = 4096  # sub-sample size per slice for the CPU paths' bracket
 _LADDER = 16  # the whole-row iteration starts from the threshold of every 16th score (long rows)
 WINDOW = 1 / 16  # the CPU paths solve from the scores above a bound when they are at most this fraction of a row
@@ -270,8 +277,12 @@ def long_rows(z: Tensor, k: Tensor, portable: Callable, windowed: Callable, meas
     kr = k.reshape(-1)
     if n < 8 * _SAMPLE or not bool(((kr >= 1) & (kr <= n - 1)).all()):
         return portable(z, k)
-    lo, count, start = lower_bound(rows, kr, lambda sample, ks: portable(sample, ks)[..., 0])
-    found = windowed(rows, kr, lo, count) if count <= n * WINDOW else None
+    if bool((kr > n * WINDOW).all()):  # many scores near or above every threshold: no window, no bound
+        lo = count = None
+        start = _quantile_start(rows, kr)
+    else:
+        lo, count, start = lower_bound(rows, kr, lambda sample, ks: portable(sample, ks)[..., 0])
+    found = windowed(rows, kr, lo, count) if count is not None and count <= n * WINDOW else None
     if found is not None:
         out, ok = found
     else:
@@ -281,6 +292,17 @@ def long_rows(z: Tensor, k: Tensor, portable: Callable, windowed: Callable, meas
         rest = slice(None) if not bool(ok.any()) else ~ok
         out[rest] = _newton(rows[rest], kr[rest], start[rest], portable, measure)
     return out.reshape(*z.shape[:-1], 3)
+
+
+def _quantile_start(rows: Tensor, k: Tensor) -> Tensor:
+    """A rough start (``(rows,)``, float64) for the whole-row iteration without a sub-sample solve: the
+    ``k``-th largest score, read from a strided sub-sample (for both sums the threshold lies within
+    a slope's width of it when the scores are dense around it; the iteration corrects the rest)."""
+    n = rows.shape[-1]
+    sample = rows[:, :: n // _SAMPLE].contiguous()
+    m = sample.shape[-1]
+    rank = (m - k * (m / n)).round().long().clamp(1, m)  # ascending rank of the k-th largest
+    return sample.sort(-1).values.gather(-1, (rank - 1).unsqueeze(-1)).squeeze(-1).to(torch.float64)
 
 
 def _newton(rows: Tensor, k: Tensor, start: Tensor, portable: Callable, measure: Callable) -> Tensor:

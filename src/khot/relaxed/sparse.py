@@ -51,20 +51,22 @@ def _threshold_portable(z: Tensor, k: Tensor) -> Tensor:
     lo, hi = finite_range_sorted(s, 1.0)  # ±inf -> 1 beyond the finite range: p = 1 or 0 when possible
     s = s.clamp(lo, hi)
     csum = s.cumsum(-1, dtype=torch.float64)
-    step = torch.tensor([1.0, -1.0], dtype=z.dtype, device=z.device)
 
     def prefix(m: Tensor) -> Tensor:  # Σ_{i < m} s_i
         return torch.where(m > 0, csum.gather(-1, (m - 1).clamp(min=0)), 0)
 
     def value(j: Tensor) -> Tensor:
-        # S at the breakpoints s_j (column 0) and s_j - 1 (column 1), counting ties by position
+        # S at the breakpoints s_j (first half of the columns) and s_j - 1 (second half), counting ties
+        # by position
+        half = j.shape[-1] // 2
         sj = s.gather(-1, j)
-        count = n - torch.searchsorted(s, (sj + step).contiguous(), right=True)  # #{s > s_j + 1}, #{s > s_j - 1}
+        shifted_sj = torch.cat([sj[..., :half] + 1, sj[..., half:] - 1], -1)
+        count = n - torch.searchsorted(s, shifted_sj.contiguous(), right=True)  # #{s > s_j + 1}, #{s > s_j - 1}
         sj = sj.to(torch.float64)
-        ju, jv = j[..., :1], j[..., 1:]
-        a, b = count[..., :1], count[..., 1:]
-        s_u = a + prefix(n - a) - prefix(ju + 1) - (n - 1 - ju - a) * sj[..., :1]
-        s_v = (n - 1 - jv) + prefix(jv + 1) - prefix(n - b) - (b - (n - 1 - jv)) * (sj[..., 1:] - 1)
+        ju, jv = j[..., :half], j[..., half:]
+        a, b = count[..., :half], count[..., half:]
+        s_u = a + prefix(n - a) - prefix(ju + 1) - (n - 1 - ju - a) * sj[..., :half]
+        s_v = (n - 1 - jv) + prefix(jv + 1) - prefix(n - b) - (b - (n - 1 - jv)) * (sj[..., half:] - 1)
         return torch.cat([s_u, s_v], -1)
 
     k = k.unsqueeze(-1)
