@@ -473,3 +473,15 @@ def test_small_inputs_solved_in_float64_agree_with_large_batches():
     small = torch.cat([sigmoid_topk(x[i : i + 50], 7.5, temperature=0.3) for i in range(0, 300, 50)])
     torch.testing.assert_close(big, small, atol=2e-6, rtol=0)
     check_accuracy(x[:50], 7.5, 0.3)
+
+
+@pytest.mark.parametrize("shape", [(40,), (3, 2, 40)])
+def test_any_batch_shape_through_the_bracketed_solver(shape):
+    # sharp temperatures send rows past the fast lane: a 1-D input (no batch) and a 3-D one
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(14), dtype=torch.float64)
+    k = torch.full(shape[:-1], 3.5, dtype=torch.float64) if len(shape) > 1 else 3.5
+    p = sigmoid_topk(x, k, temperature=1e-3)
+    assert p.shape == x.shape
+    rows = x.reshape(-1, 40)
+    check_accuracy(rows, 3.5, 1e-3)
+    torch.testing.assert_close(p.reshape(-1, 40), threshold_reference(rows, 3.5, 1e-3), atol=1e-9, rtol=0)

@@ -390,9 +390,10 @@ def _solve(x: Tensor, k: float | Tensor, inv_tau: float | Tensor, adaptive: bool
     if x.numel() == 0:
         return torch.empty_like(x)
     work = x if x.dtype in (torch.float32, torch.float64) else x.float()
-    if adaptive:  # one value for every slice: per-slice arithmetic on numbers
+    if adaptive:  # rows (it picks rows); one value for every slice: per-slice arithmetic on numbers
         k, inv_tau = (_uniform(v) if isinstance(v, Tensor) else v for v in (k, inv_tau))
-        work = work.double() if x.numel() <= _DOUBLE else work
+        k, inv_tau = (v.reshape(-1) if isinstance(v, Tensor) else v for v in (k, inv_tau))
+        work = (work.double() if x.numel() <= _DOUBLE else work).reshape(-1, n)
     if isinstance(k, float):
         edge, flip = k <= 0 or k >= n, k > n / 2
         target = n / 2 if edge else min(k, n - k)
@@ -414,7 +415,7 @@ def _solve(x: Tensor, k: float | Tensor, inv_tau: float | Tensor, adaptive: bool
         p = p.fill_(k / n) if edge else p
     elif not adaptive or bool(edge.any()):
         p = torch.where(edge.unsqueeze(-1), (k / n).unsqueeze(-1).to(p.dtype), p)
-    return p.to(x.dtype)
+    return p.to(x.dtype).reshape(x.shape)
 
 
 def _forward_portable(x: Tensor, k: Tensor, inv_tau: Tensor) -> Tensor:
