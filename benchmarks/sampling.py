@@ -3,21 +3,24 @@
 1. systematic vs one torch.sort of the same (64, 10**5) float32 tensor (goal: <= 1.5x);
 2. Brewer's method vs k (n = 10**4, batch 64), against a straightforward vectorised-over-rows
    Brewer (``brewer_reference`` below: the textbook draw-by-draw weights in float64, one
-   ``torch.multinomial`` per draw; goal: khot <= 1x) and against systematic on the same input;
-   conditional Poisson on the same input (one run, k <= 10);
+   ``torch.multinomial`` per draw; goal: khot <= 1x, printed as the ratio) and against
+   systematic on the same input; conditional Poisson on the same input (one run, k <= 100);
+   one thread, CPU time of this thread (``time.thread_time``), so other load on a shared
+   machine inflates the times little;
 3. Pareto on the (64, 10**5) input;
 4. khot.nn.TopKActivation(64, dense=False) (values + indices) vs the dense
    ``topk + zeros_like + scatter`` pattern on a (4096, 32768) float32 input: time and peak
    memory beyond the input (goal: at most half the dense pattern's peak).
 
 Run: python benchmarks/sampling.py  (medians of torch.utils.benchmark.Timer; interleaved for Brewer)
-     python benchmarks/sampling.py --brewer [1,10,100]  (section 2 only, optionally these k)
+     python benchmarks/sampling.py --brewer [1,10,100]  (section 2 only, optionally these k; default 1,2,5,10,100,1000)
      python benchmarks/sampling.py --sae  (section 4 only)
 """
 
 from __future__ import annotations
 
 import sys
+import time
 
 import torch
 
@@ -80,17 +83,28 @@ def sae_activation() -> None:
         print(f"{name:<34}{ms:>11.1f}{peak:>10.1f}{peak / base:>9.2f}x")
 
 
-def brewer_table(gen: torch.Generator, ks: tuple[int, ...] = (1, 10, 100, 1000)) -> None:
-    print("\nBrewer vs k, (64, 10^4) float32: khot vs a straightforward vectorised Brewer (interleaved medians)")
+def brewer_table(gen: torch.Generator, ks: tuple[int, ...] = (1, 2, 5, 10, 100, 1000)) -> None:
+    """Side by side, interleaved, one thread, CPU time of this thread (``time.thread_time``): khot's
+    Brewer vs the straightforward reference (the ratio; goal <= 1x), systematic, and conditional
+    Poisson (one run each, k <= 100)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    print("\nBrewer vs k, (64, 10^4) float32, one thread: khot vs a straightforward vectorised Brewer "
+          "(interleaved medians of thread CPU time, ms)")
     print(f"{'k':>6}{'khot brewer':>13}{'reference':>11}{'ratio':>8}{'systematic':>12}{'cond. Poisson':>15}")
     for k in ks:
         p = probabilities(64, 10**4, k, gen)
         fns = [lambda: pips_sample(p, design="brewer", generator=gen), lambda: brewer_reference(p, gen),
                lambda: pips_sample(p, design="systematic", generator=gen)]
-        times = interleaved_ms(fns, repeats=5 if k < 1000 else 1, warmup=1 if k < 1000 else 0)
-        cp = median_ms(lambda: pips_sample(p, design="conditional_poisson", generator=gen), 0) if k <= 10 else None
+        times = interleaved_ms(fns, repeats=7 if k < 1000 else 1, warmup=1 if k < 1000 else 0, clock=time.thread_time)
+        cp = None
+        if k <= 100:
+            start = time.thread_time()
+            pips_sample(p, design="conditional_poisson", generator=gen)
+            cp = (time.thread_time() - start) * 1e3
         cp = f"{cp:>15.1f}" if cp else f"{'-':>15}"
         print(f"{k:>6}{times[0]:>13.1f}{times[1]:>11.1f}{times[0] / times[1]:>7.2f}x{times[2]:>12.1f}{cp}")
+    torch.set_num_threads(threads)
 
 
 def main() -> None:
@@ -100,7 +114,7 @@ def main() -> None:
         return sae_activation()
     if "--brewer" in sys.argv:  # optionally followed by the k to run, e.g. --brewer 1,10,100
         i = sys.argv.index("--brewer") + 1
-        return brewer_table(gen, tuple(map(int, sys.argv[i].split(","))) if i < len(sys.argv) else (1, 10, 100, 1000))
+        return brewer_table(gen, tuple(map(int, sys.argv[i].split(","))) if i < len(sys.argv) else (1, 2, 5, 10, 100, 1000))
 
     x = torch.rand(64, 10**5, generator=gen)
     pi = x * (100 / x.sum(-1, keepdim=True))

@@ -513,3 +513,27 @@ def test_float_lengths_equal_integer_lengths():
             want, c, b = lengths(pi, total, 52)
             got, c_f, M = lengths_float(pi, total)
             assert M == float(1 << b) and torch.equal(got, want.double()) and torch.equal(c_f, c.double())
+
+
+def test_conditional_poisson_marginals_tensor_k_without_reading_it():
+    # a per-slice tensor k is read on eager CPU tensors only; under vmap and torch.compile the
+    # programme runs to n (no synchronisation, no graph break) and gives the same marginals
+    import khot
+
+    gen = torch.Generator().manual_seed(30)
+    x = torch.randn(4, 9, generator=gen, dtype=torch.float64)
+    k = torch.tensor([0, 2, 5, 9])
+    want = torch.stack([brute_force_marginals(row, int(kk)) for row, kk in zip(x, k)])
+    torch.testing.assert_close(conditional_poisson_marginals(x, k), want, atol=1e-12, rtol=0)
+    mapped = torch.vmap(conditional_poisson_marginals)(x, k)
+    torch.testing.assert_close(mapped, want, atol=1e-12, rtol=0)
+
+    def fn(x, k):
+        return khot.soft_topk(x, k, method="simple")
+
+    torch._dynamo.reset()
+    assert torch._dynamo.explain(fn)(x, k).graph_break_count == 0
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")(x, k)
+    torch.testing.assert_close(compiled, want, atol=1e-12, rtol=0)
+    meta = fn(torch.randn(4, 9, device="meta", requires_grad=True), k.to("meta"))
+    assert meta.shape == (4, 9) and meta.device.type == "meta"

@@ -8,6 +8,11 @@ Ahmed, Zeng, Niepert & Van den Broeck, "SIMPLE: A Gradient Estimator for k-Subse
 :func:`khot.sampling.conditional_poisson_marginals` (a log-space dynamic programme in float64,
 ``O(n k)``, differentiable by autograd). ``±inf`` scores are placed 1000 τ beyond the finite ones
 first, so masked items get 0 (and take part only when fewer than ``k`` others remain).
+
+Per-slice tensor ``k``: the programme needs a number of passes fixed before it runs. On eager
+CPU tensors it reads ``max(k)`` (free there); elsewhere (CUDA, ``torch.compile``, ``vmap``, meta
+tensors) it never reads ``k`` on the host, so it makes no synchronisation and compiles whole,
+and runs to ``n`` passes instead: ``O(n^2)`` per slice. An int ``k`` costs ``O(n k)`` everywhere.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ def simple_topk(x: Tensor, k: int | Tensor, dim: int = -1, *, temperature: float
 
     Args:
         x: floating-point scores (half and bfloat16 computed in float32, the programme in float64).
-        k: an int or an integer tensor of per-slice counts, ``0 <= k <= n``.
+        k: an int or an integer tensor of per-slice counts, ``0 <= k <= n`` (a tensor: see the
+            module docstring for its cost off the CPU).
         dim: the dimension to select along.
         temperature: ``τ > 0``, a number or a per-slice tensor (differentiable).
 

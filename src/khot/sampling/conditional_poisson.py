@@ -281,6 +281,19 @@ def _sample_block(theta: Tensor, size: Tensor, u: Tensor) -> Tensor:
     return taken[:, :n]
 
 
+def _bound(size: Tensor, n: int) -> int:
+    """The number of table rows for per-slice sizes ``size``: their maximum where it can be read
+    for free (an eager CPU tensor: the CPU path's data-dependent shortcut), else ``n``, the bound
+    the shapes give (under ``torch.compile``, ``vmap``, on meta tensors, and on accelerators,
+    where reading the maximum would stall the stream and forbid graph capture): no host
+    synchronisation, at the cost of an ``O(n^2)`` programme."""
+    from .._checks import _readable
+
+    if size.device.type == "cpu" and _readable(size):
+        return int(size.max()) if size.numel() else 0
+    return n
+
+
 def conditional_poisson_marginals(logits: Tensor, k, dim: int = -1) -> Tensor:
     """Inclusion probabilities of the size-``k`` conditional Poisson design with weights ``exp(logits)``.
 
@@ -291,7 +304,11 @@ def conditional_poisson_marginals(logits: Tensor, k, dim: int = -1) -> Tensor:
 
     Args:
         logits: floating point, finite or ``-inf`` (at least ``k`` finite per slice).
-        k: an int or an integer tensor of per-slice sizes, ``0 <= k <= n``.
+        k: an int or an integer tensor of per-slice sizes, ``0 <= k <= n``. A tensor ``k`` is
+            never read on the host off the CPU (no synchronisation, compiles whole): there,
+            and under ``torch.compile``/``vmap``/meta, the programme runs to ``n`` rather
+            than to ``max(k)``, ``O(n^2)`` time and memory per slice; pass an int ``k`` for
+            long rows.
         dim: the dimension holding the items.
 
     Returns:
@@ -316,7 +333,7 @@ def conditional_poisson_marginals(logits: Tensor, k, dim: int = -1) -> Tensor:
     finite = theta > -math.inf
     sizes = size.reshape(-1) if isinstance(size, Tensor) else torch.full((theta.shape[0],), size, device=theta.device)
     check_range(finite.sum(1) - sizes, "logits", 0, math.inf, what="have at least k finite entries per slice (finite count minus k)")
-    kmax = size if isinstance(size, int) else int(size.max())  # a tensor k: one synchronisation
+    kmax = size if isinstance(size, int) else _bound(size, n)
     log_in, _ = log_inclusion(torch.where(finite, theta, _NEG), sizes, kmax)
     out = log_in.exp().to(logits.dtype).reshape(moved.shape)
     return out.movedim(-1, d) if logits.dim() else out.reshape(())
