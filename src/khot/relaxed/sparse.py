@@ -12,7 +12,12 @@ is continuous, piecewise linear and non-increasing, with breakpoints at every ``
 ``z_i - 1``, and on a sorted row its value at any breakpoint follows from prefix sums (float64)
 and one ``searchsorted``. A bisection over the breakpoint indices (``log2 n`` steps of a few
 gathers each) finds the linear piece that holds ``S(t) = k``, where
-``t = (Σ_free z - (k - #ones)) / #free`` in closed form. Cost: one sort, ``O(n log n)``.
+``t = (Σ_free z - (k - #ones)) / #free`` in closed form. Cost: one sort, ``O(n log n)``. That is the
+portable path (fixed work, no host synchronisation). On CPU tensors, long rows skip the sort
+(:func:`khot.relaxed._threshold.long_rows`): for small ``k`` the scores above a sampled bound are
+found from column maxima and solved alone; otherwise safeguarded Newton steps over the whole row
+(a few arithmetic passes each) find the linear piece of ``S`` that holds ``t`` and solve it in closed
+form, exact once the sets of zeros, free entries and ones repeat (typically 3 passes of 4 ops).
 
 Backward, closed form on the support: on the free set ``F = {0 < p < 1}`` the Jacobian of the
 projection is ``I - 11ᵀ / |F|``, so ``grad_z = g - mean_F(g)`` on ``F`` and 0 elsewhere;
