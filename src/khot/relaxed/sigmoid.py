@@ -49,13 +49,12 @@ cost is per tensor op rather than per element:
 
 * one value of ``k`` and ``τ`` for every slice is kept as a Python number, and inputs of up to
   ``_DOUBLE`` elements are solved in float64 (no split threshold, no checks on float32 sums);
-* a fast lane takes plain Halley steps from the start and ends, typically after the second
-  evaluation, with one Newton step in ``p`` for slices where that step ``δ`` in ``c`` is below
-  ``sqrt(tol) / 2`` (``p + p (1 - p) δ`` is then ``p`` at the root to within ``δ² / 2``, below the
-  tolerance; inputs of more than ``_SMALL`` elements step until done instead, as the temporary
-  costs more than an evaluation there);
+* a fast lane takes plain Halley steps from the start; once every slice's Newton step ``δ`` in
+  ``c`` is below ``sqrt(tol) / 2`` (typically at the second evaluation) it takes that step and
+  evaluates once more without sums: Newton's step from there misses the root by at most
+  ``δ² / 2`` in ``c``, below the tolerance;
 * slices the fast lane leaves (staircases, sharp temperatures, NaN) go to the bracketed solver
-  above, from the best threshold the fast lane evaluated; it stops when every slice is done,
+  above, in float64, from the best threshold the fast lane evaluated; it ends the same way,
   bisects arithmetically every other time (bit-pattern bisection of a bracket that holds 0
   first dives to tiny magnitudes) and sums in float32 where the rounding bound of a pairwise
   sum, ``2**-24 ceil(log2 n) Σ p``, is below the tolerance.
@@ -88,7 +87,6 @@ _BITS = 64  # bisections of a float64 bracket that reach adjacent doubles from a
 _EVALUATIONS = 2 + _HALLEY + _BITS  # enough for every slice: the portable path's fixed work
 _SAMPLE = 4096  # target size of the strided sub-sample that gives the starting point
 _FAST = 3  # plain Halley evaluations of the CPU path before a slice goes to the bracketed solver
-_SMALL = 1 << 20  # up to this many elements a full-size temporary is cheaper than an evaluation
 _DOUBLE = 1 << 14  # up to this many elements the CPU path solves in float64
 _MAX = torch.finfo(torch.float64).max
 _R32 = 2.0**126  # 1 / τ is clamped here in float32 work (differences below 2**-126 are subnormal)
@@ -162,7 +160,7 @@ class _Rule:
 
     "done": ``|Σ p - k| <= min(max(tol_w Σ p (1 - p), floor), tol_k max(1, k))`` (NaN slices too).
     "near": the Newton step ``δ = (k - Σ p) / Σ p (1 - p)`` in ``c`` is at most ``close`` (then
-    :func:`_finish` makes the slice done) and one float64 can take (``δ >= 2**-32 |c|``, so that
+    the slice is done at ``c + δ``, :func:`_finish`) and one float64 can take (``δ >= 2**-32 |c|``, so that
     the result is ``p`` at a float64 threshold; checked where ``|c| = |t r|`` may be large). On
     the CPU path float32 sums accumulate in float32 and are redone in float64 for a batch where
     their rounding could decide a slice that looks solved.
@@ -182,7 +180,7 @@ class _Rule:
         # which cost a CPU 5-10x more per element (sharp temperatures make most entries that far)
         self.bound = 230.0 if x.dtype == torch.float64 and tol_w > 1e-8 else None
         # a Newton step δ in c from the root's neighbourhood misses it by at most δ² / 2 (|f''| <= f'),
-        # and p + p (1 - p) δ misses p(c + δ) by at most δ² / 20: both below the tolerance in p
+        # below the tolerance
         self.close = math.sqrt(tol_w) / 2
 
     def take(self, rows: Tensor) -> _Rule:
@@ -217,12 +215,11 @@ class _Rule:
         return is_done, is_near
 
 
-def _finish(p: Tensor, t: Tensor, gap: Tensor, w: Tensor, near: Tensor, r: float | Tensor) -> tuple[Tensor, Tensor]:
-    """``(p, t)`` with the slices ``near`` moved by their Newton step ``δ = gap / w`` in ``c``: ``p + p (1 - p) δ``,
-    which is ``p`` at ``c + δ`` to within ``δ² / 20`` (in place)."""
-    delta = torch.where(near, gap / w, 0)
-    p.add_(torch.ops.aten.sigmoid_backward((delta if p.dtype == torch.float64 else delta.to(p.dtype)).unsqueeze(-1).expand_as(p), p))
-    return p, t - delta / r
+def _finish(x: Tensor, p: Tensor, t: Tensor, gap: Tensor, w: Tensor, near: Tensor, r: float | Tensor, scale: float, bound: float | None) -> tuple[Tensor, Tensor]:
+    """``(p, t)`` evaluated once more at ``t - δ / r`` for the slices ``near``, with ``δ = gap / w`` their
+    Newton step in ``c``: within ``δ² / 2`` of the root, below the tolerance, so no sums are taken."""
+    t = t - torch.where(near, gap / w, 0) / r
+    return _evaluate(x, t, r, p, tail=scale > 12, bound=bound), t
 
 
 def _halley(p: Tensor, f: Tensor, w: Tensor, k: float | Tensor, r: float | Tensor, accurate: bool) -> Tensor:
@@ -253,13 +250,14 @@ def _scale(t: Tensor, r: float | Tensor) -> float:
     return float((t.abs() * r).amax())
 
 
-def _iterate(x: Tensor, k: float | Tensor, r: float | Tensor, t: Tensor, rule: _Rule, adaptive: bool) -> tuple[Tensor, Tensor]:
+def _iterate(x: Tensor, k: float | Tensor, r: float | Tensor, t: Tensor, rule: _Rule, adaptive: bool, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Solve ``Σ sigmoid((x - t) r) = k`` per slice from ``t`` inside a bracket; return ``(p, t)``.
 
     ``k`` (``0 < k < n``) and ``r > 0`` are numbers or float64 per slice, ``t`` float64 per slice.
     A slice is done by ``rule``, or when its bracket holds adjacent doubles; a NaN slice is NaN.
     ``adaptive`` (CPU) stops when every slice is done and computes only what a step needs;
     otherwise every evaluation runs, done slices frozen, float64 sums (no synchronisation).
+    ``out``: where ``p`` is written.
     """
     lo, hi = torch.full_like(t, -_MAX), torch.full_like(t, _MAX)
     if not adaptive:
@@ -271,16 +269,15 @@ def _iterate(x: Tensor, k: float | Tensor, r: float | Tensor, t: Tensor, rule: _
     final = torch.zeros_like(t, dtype=torch.bool)  # slices moved to the better end of adjacent doubles
     splits = torch.zeros_like(t)  # bisections taken: the CPU path alternates bit-pattern and arithmetic midpoints
     budget = _EVALUATIONS + _BITS if adaptive else _EVALUATIONS
-    small = adaptive and x.numel() <= _SMALL
-    p = None
+    p = out
     for evaluation in range(1, budget + 1):
         # dropping t_lo moves p by |t_lo| r / 4 <= 2**-26 |t r| at most: the CPU path does where that is < 2e-7
         scale = _scale(t, r) if adaptive else math.inf
         p = _evaluate(x, t, r, p, tail=scale > 12, bound=rule.bound)
-        f, w, gap, done, near = rule.judge(p, t * r if scale > 2**14 else None, near=small)
+        f, w, gap, done, near = rule.judge(p, t * r if scale > 2**14 else None, near=adaptive)
         done = done | final
-        if adaptive and bool((done if near is None else done | near).all()):
-            p, t = _finish(p, t, gap, w, near & ~done, r) if small else (p, t)
+        if adaptive and bool((done | near).all()):
+            p, t = _finish(x, p, t, gap, w, near & ~done, r, scale, rule.bound) if bool((near & ~done).any()) else (p, t)
             break
         hi, f_hi = torch.where(gap > 0, t, hi), torch.where(gap > 0, f, f_hi)  # f decreases in t
         lo, f_lo = torch.where(gap < 0, t, lo), torch.where(gap < 0, f, f_lo)
@@ -311,7 +308,7 @@ def _iterate(x: Tensor, k: float | Tensor, r: float | Tensor, t: Tensor, rule: _
     return p.masked_fill_(gap.isnan().unsqueeze(-1), math.nan), t  # a NaN anywhere makes the slice NaN
 
 
-def _refine(x: Tensor, k: float | Tensor, r: float | Tensor, t: Tensor, rule: _Rule) -> tuple[Tensor, Tensor]:
+def _refine(x: Tensor, k: float | Tensor, r: float | Tensor, t: Tensor, rule: _Rule, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """CPU: ``_iterate``'s result, first by up to ``_FAST`` plain Halley steps from ``t``.
 
     Most slices are within one Newton step in ``p`` of the root after one or two Halley steps
@@ -321,25 +318,24 @@ def _refine(x: Tensor, k: float | Tensor, r: float | Tensor, t: Tensor, rule: _R
     evaluated threshold had ``Σ p`` closest to ``k`` in ratio, so the same rule and the same
     guarantees hold for every slice.
     """
-    small = x.numel() <= _SMALL  # a full-size temporary costs more than an evaluation
     scaled = x.dtype != torch.float64 or rule.tol_w < 1e-6  # the float32 tail, or float64's resolution of c
-    p, tried, solved = None, [], None
+    p, tried, solved = out, [], None
     for evaluation in range(_FAST):
         scale = _scale(t, r) if scaled else 0.0
         p = _evaluate(x, t, r, p, tail=scale > 12, bound=rule.bound)
-        # short slices end one Newton step from the root, long ones take steps until done; the start
-        # itself is never taken (one more step costs less than the check)
-        f, w, gap, done, near = rule.judge(p, t * r if scale > 2**14 else None, near=small and evaluation > 0, done=not small and evaluation > 0)
+        # a slice ends one Newton step from the root; the start itself is never taken (one more step
+        # costs less than the check)
+        f, w, gap, _, near = rule.judge(p, t * r if scale > 2**14 else None, near=evaluation > 0, done=False)
         tried.append((t, f))
         if evaluation:
-            solved = near if small else done
+            solved = near
             all_solved = bool(solved.all())
             if all_solved or evaluation == _FAST - 1:
                 break
         new = t + _halley(p, f, w, k, r, accurate=False)
         t = torch.where(~new.isfinite() if solved is None else solved | ~new.isfinite(), t, new)  # not finite where w = 0: left to _iterate
-    if small:
-        p, t = _finish(p, t, gap, w, solved, r)
+    if all_solved or bool(solved.any()):
+        p, t = _finish(x, p, t, gap, w, solved, r, scale, rule.bound)
     if not all_solved:
         rows = (~solved).nonzero().squeeze(-1)
         kr = _take(k, rows)
@@ -358,13 +354,15 @@ def _take(v: float | Tensor, rows: Tensor) -> float | Tensor:
     return v if isinstance(v, float) else v[rows]
 
 
-def _start(x: Tensor, k: float | Tensor, r: float | Tensor, adaptive: bool) -> Tensor:
-    """A starting threshold per slice (float64) from a strided sub-sample (see the module docstring)."""
+def _start(x: Tensor, k: float | Tensor, r: float | Tensor, adaptive: bool, scratch: Tensor) -> Tensor:
+    """A starting threshold per slice (float64) from a strided sub-sample (see the module docstring);
+    ``scratch``: a tensor like ``x`` it may overwrite."""
     n = x.shape[-1]
     stride = max(1, n // _SAMPLE)
     sample = x[..., ::stride]
     mean = sample.mean(-1, keepdim=True)
-    dev = (sample - mean).abs_().mean(-1).to(torch.float64)  # the mean absolute deviation: tails do not blow it up
+    centred = torch.sub(sample, mean, out=scratch) if stride == 1 else sample - mean  # a fresh tensor costs page faults
+    dev = centred.abs_().mean(-1).to(torch.float64)  # the mean absolute deviation: tails do not blow it up
     # the probit approximation: the mean of sigmoid((z - t) / τ) over normal z (mean μ, deviation s,
     # about dev sqrt(π / 2)) is about sigmoid((μ - t) / sqrt(τ² + π s² / 8))
     spread = dev.square_().mul_(math.pi**2 / 16).add_(1 / r**2 if isinstance(r, float) else r.square().reciprocal()).sqrt_()
@@ -404,9 +402,10 @@ def _solve(x: Tensor, k: float | Tensor, inv_tau: float | Tensor, adaptive: bool
         if not adaptive or bool(flip.any()):
             work = torch.where(flip.unsqueeze(-1), -work, work)
     tol_w, tol_k = (1e-10, 5e-10) if x.dtype == torch.float64 else (4e-6, math.inf)
-    t = _start(work, target, inv_tau, adaptive)
+    p = torch.empty_like(work)
+    t = _start(work, target, inv_tau, adaptive, scratch=p)
     rule = _Rule(work, target, tol_w, tol_k, adaptive)
-    p = (_refine if adaptive else functools.partial(_iterate, adaptive=False))(work, target, inv_tau, t, rule)[0]
+    p = (_refine if adaptive else functools.partial(_iterate, adaptive=False))(work, target, inv_tau, t, rule, out=p)[0]
     if isinstance(flip, bool):
         p = p.neg_().add_(1) if flip else p
     elif not adaptive or bool(flip.any()):
