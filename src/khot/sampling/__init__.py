@@ -15,8 +15,8 @@ sample holds exactly ``k`` items. :func:`pips_sample` offers four designs:
     together). Cost: one sort of random keys, then a few fully parallel O(n) passes, no
     host synchronisation; about as fast as one ``torch.sort`` of ``pi``
     (``benchmarks/sampling.py``). **Prefer it** whenever only the inclusion probabilities
-    matter (straight-through training, Monte-Carlo estimates of sums): it is the fastest
-    at every k.
+    matter (straight-through training, Monte-Carlo estimates of sums): its cost does not
+    grow with k (for a few draws per row Brewer's method is faster: see below).
 ``"brewer"`` (exact)
     Brewer's method: ``k`` draws one at a time without replacement; at draw ``j`` an
     item not yet drawn is picked with probability proportional to
@@ -25,16 +25,17 @@ sample holds exactly ``k`` items. :func:`pips_sample` offers four designs:
     the batch (the weights on integer lengths held exactly in float64, a cumulative sum
     and a ``searchsorted`` of a pre-drawn uniform): O(n k) in all, sequential in ``k``.
     Against a straightforward vectorised Brewer (one ``torch.multinomial`` per draw,
-    ``benchmarks/sampling.py --brewer``, which prints the ratio) at (64, 10**4), one
+    ``benchmarks/sampling.py --brewer``, which prints the ratio) at (64, 10**4) float32, one
     thread: about 0.9x its time at k = 1, 0.5x at k = 2, 0.2x at k = 10 and 0.1x at
-    k = 100. **When to prefer another design:** ``"systematic"`` draws with the same
-    inclusion probabilities in a few O(n) passes whatever ``k`` (its cost is one sort;
-    Brewer's grows linearly with ``k``: about 4x systematic at k = 10, 20x at k = 100), so
-    prefer it whenever only the inclusion probabilities matter or ``k`` is more than a few;
-    ``"conditional_poisson"`` when the joint inclusion probabilities should be those of the
-    maximum-entropy design (the closest to independent draws) and ``n k`` is moderate. Use
-    Brewer when a classical draw-by-draw design with all joint inclusion probabilities
-    positive is wanted and ``k`` is small.
+    k = 100. **When to prefer another design:** Brewer's cost grows linearly with ``k``,
+    systematic's does not (one sort of random keys): at (64, 10**4) Brewer takes about a
+    quarter of systematic's time at k = 1, half at k = 10, and 2.7x it at k = 100, so prefer
+    ``"systematic"`` from a few tens of draws per row on, or whenever the joint inclusion
+    probabilities do not matter and ``k`` is large; prefer ``"conditional_poisson"`` when the
+    joint inclusion probabilities should be those of the maximum-entropy design (the closest
+    to independent draws) and ``n k`` is moderate (it costs several Brewers). Brewer is the
+    fastest exact design for small ``k``, a classical draw-by-draw design with all joint
+    inclusion probabilities positive.
 ``"pareto"`` (approximate)
     Rosén's Pareto sampling: keep the ``k`` items with the smallest
     ``(u_i / (1 - u_i)) / (pi_i / (1 - pi_i))``, ``u_i`` i.i.d. uniform. One pass and a

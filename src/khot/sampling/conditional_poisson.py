@@ -60,7 +60,7 @@ def log_inclusion(theta: Tensor, size: Tensor, kmax: int) -> tuple[Tensor, Tenso
 _BIG = 1e280  # the fast tables scale each row r so that its last entry is this ...
 _SMALL = 1e-250  # ... and send a row to the log-space tables if an entry that should be positive is below this
 _LOG_BIG = math.log(_BIG)
-_CHUNK = 1 << 20  # the solver and the sampler work on blocks of rows of about this many table entries (4 MiB: cache-sized, reused)
+_CHUNK = 1 << 20  # the solver and the sampler work on blocks of rows of about this many table entries (8 MiB)
 
 
 def _fast_tables(theta: Tensor, kmax: int) -> tuple[Tensor, Tensor]:
@@ -69,7 +69,8 @@ def _fast_tables(theta: Tensor, kmax: int) -> tuple[Tensor, Tensor]:
     bool: the rows where they are accurate.
 
     The weights are ``w = exp(theta - max theta)`` (<= 1) and row ``r`` of the table is rescaled
-    so that its last entry is ``_BIG``, its logarithm kept apart. Every entry is then a sum of
+    so that its last entry is ``_BIG`` (by a factor of at most ``e^700``), the factor's logarithm
+    kept apart. Every entry is then a sum of
     positive terms, so it carries a relative error of a few ``(n + kmax) eps``, unless a term
     underflowed. A row is ``ok`` when no weight of a drawable item underflows (``theta`` within
     700 of the row's maximum) and every entry that is positive in exact arithmetic (at least
@@ -88,30 +89,24 @@ def _fast_tables(theta: Tensor, kmax: int) -> tuple[Tensor, Tensor]:
     G = theta.new_empty(rows, kmax + 1, n + 1)
     G[:, 0] = 1.0
     G[:, 1:, 0] = 0.0
-    log_scale = theta.new_zeros(rows, kmax + 1)
-    rs = torch.arange(1, kmax + 1, device=theta.device)
-    first = torch.searchsorted(count, rs.expand(rows, kmax).contiguous())  # first item i with count >= r
-    has = first < n
+    tiny = torch.finfo(theta.dtype).tiny
+    applied = theta.new_zeros(rows, kmax + 1)  # log of the factor row r was scaled by
     for r in range(1, kmax + 1):
         c = G[:, r, 1:]
         torch.mul(w, G[:, r - 1, :-1], out=c)
         torch.cumsum(c, 1, out=c)
-        last = c[:, -1:]
-        at = c.gather(1, first[:, r - 1 : r].clamp_max(n - 1))
-        ok &= ~(has[:, r - 1 : r] & (at < _SMALL)).squeeze(1)
-        # scale by _BIG / last; where that factor overflows (last < 1e-28), in two halves, neither
-        # of which over- or underflows
-        log_last = torch.where(last > 0, last, 1.0).log_()
-        factor = (_LOG_BIG - log_last).exp_()
-        huge = factor.isinf()
-        if bool(huge.any()):
-            half = (0.5 * (_LOG_BIG - log_last)).exp_()
-            factor = torch.where(huge, half, factor)
-            c.mul_(factor)
-            c.mul_(torch.where(huge, half, 1.0))
-        else:
-            c.mul_(factor)
-        log_scale[:, r : r + 1] = log_scale[:, r - 1 : r] + log_last - _LOG_BIG
+        # scale by _BIG / last, by at most e^700 (no overflow of the factor; an entry scaled
+        # less stays below _BIG), so every later sum stays far from overflow
+        a = applied[:, r : r + 1]
+        a.copy_(c[:, -1:].clamp_min(tiny).log_()).neg_().add_(_LOG_BIG).clamp_max_(700.0)
+        c.mul_(a.exp())
+    # the check, for all r at once: the first entry that is positive in exact arithmetic, before
+    # its scaling, is at least _SMALL (entries only grow along a row)
+    rs = torch.arange(1, kmax + 1, device=theta.device)
+    first = torch.searchsorted(count, rs.expand(rows, kmax).contiguous())  # first item with count >= r
+    at = G[:, 1:, 1:].gather(2, first.clamp_max(n - 1).unsqueeze(2)).squeeze(2)
+    ok &= ~((first < n) & (at < _SMALL * applied[:, 1:].exp())).any(1)
+    log_scale = -applied.cumsum(1)
     F = G.log_()
     F += (log_scale + torch.arange(kmax + 1, device=theta.device, dtype=theta.dtype) * top).unsqueeze(2)
     return F, ok  # log 0 = -inf where fewer than r items are drawable
