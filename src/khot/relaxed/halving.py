@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from khot._backend import apply
 from khot._checks import check_flag
 from khot._order import _ordered
 from khot.relaxed._common import _check_mask_args, _check_select_args, _rowwise, _select_rows
@@ -230,7 +231,7 @@ def halving_select(
 
     def select(x: Tensor, s: Tensor) -> Tensor:
         members, weights = _tournament(s, k, temperature, published_weights)
-        return _PoolSlots.apply(x, weights, members)
+        return apply(_PoolSlots, x, weights, members)
 
     return _select_rows(select, x, scores, k)
 

@@ -27,6 +27,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from khot._backend import apply
+
 from ._threshold import (
     Rows,
     finite_range_sorted,
@@ -195,4 +197,4 @@ def lapsum_topk(x: Tensor, k: float | Tensor, dim: int = -1, *, temperature: flo
     """
     rows = Rows(x, k, dim, temperature)
     k, tau = rows.tensors()
-    return rows.restore(_LapSumTopK.apply(rows.x, k, tau))
+    return rows.restore(apply(_LapSumTopK, rows.x, k, tau))

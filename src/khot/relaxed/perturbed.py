@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from khot._backend import apply
 from khot.exact import topk_mask
 
 from ._threshold import Rows, work_dtype
@@ -97,6 +98,6 @@ def perturbed_topk(
     _, sigma = rows.tensors()
     dtype = work_dtype(rows.x)
     noise = torch.randn((n_samples, *rows.x.shape), generator=generator, dtype=dtype, device=rows.x.device)
-    p, _ = _PerturbedTopK.apply(rows.x, noise, sigma, rows.k)
+    p, _ = apply(_PerturbedTopK, rows.x, noise, sigma, rows.k)
     p = torch.where(torch.isnan(rows.x).any(-1, keepdim=True), torch.nan, p)
     return rows.restore(p)

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from khot._backend import apply
 from khot._checks import check_range
 
 from ._threshold import Rows, threshold_function, work_dtype
@@ -121,7 +122,7 @@ def soft_ot_topk(
             raise ValueError("tol must be a number >= 0 or None")
     rows = Rows(x, k, dim, temperature)
     kt, eps = rows.tensors()
-    p = _SoftTopK.apply(rows.x, kt, eps, n_iter)
+    p = apply(_SoftTopK, rows.x, kt, eps, n_iter)
     if tol is not None:
         with torch.no_grad():
             err = (p.sum(-1, dtype=work_dtype(p)) - kt).abs() / kt.clamp(min=1)

@@ -29,6 +29,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from khot._backend import apply
+
 from ._threshold import (
     Rows,
     finite_range_sorted,
@@ -171,4 +173,4 @@ def sparse_topk(x: Tensor, k: float | Tensor, dim: int = -1, *, temperature: flo
     """
     rows = Rows(x, k, dim, temperature)
     k, tau = rows.tensors()
-    return rows.restore(_SparseTopK.apply(rows.x, k, tau))
+    return rows.restore(apply(_SparseTopK, rows.x, k, tau))
