@@ -115,3 +115,22 @@ def test_use_backend_rejects_unknown_names():
     with pytest.raises(ValueError, match="name='gpu' is not a khot backend"):
         with khot.use_backend("gpu"):
             pass
+
+
+@pytest.mark.parametrize("method", ["sigmoid", "sparse", "lapsum", "soft", "perturbed"])
+def test_eager_twin_and_the_new_style_function_agree(method):
+    # a plain eager call runs the old-style twin of each autograd.Function (khot._backend.apply);
+    # torch.func.grad runs the new-style Function itself: same values, same gradients
+    x = torch.randn(3, 20, generator=torch.Generator().manual_seed(3), dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 20, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    kwargs = {"generator": torch.Generator().manual_seed(5)} if method == "perturbed" else {}
+
+    def loss(t):
+        if method == "perturbed":
+            kwargs["generator"].manual_seed(5)
+        return (khot.soft_topk(t, 4, method=method, **kwargs) * w).sum()
+
+    (eager,) = torch.autograd.grad(loss(x), x)
+    functional = torch.func.grad(loss)(x.detach())
+    torch.testing.assert_close(functional, eager, atol=1e-10, rtol=0)
+    assert eager.abs().sum() > 0

@@ -166,7 +166,7 @@ def _solve(x: Tensor, k: Tensor, tau: Tensor) -> Tensor:
 def _weights(p: Tensor) -> Tensor:
     # F'(u) = min(p, 1 - p), with one new tensor
     q = torch.rsub(p, 1)
-    return torch.minimum(p, q, out=q)
+    return torch.minimum(p, q) if q.requires_grad else torch.minimum(p, q, out=q)  # out= is not differentiable
 
 
 _LapSumTopK = threshold_function("_LapSumTopK", _solve, _weights)
