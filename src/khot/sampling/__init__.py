@@ -29,7 +29,7 @@ sample holds exactly ``k`` items. :func:`pips_sample` offers four designs:
     thread: about 0.9x its time at k = 1, 0.5x at k = 2, 0.2x at k = 10 and 0.1x at
     k = 100. **When to prefer another design:** Brewer's cost grows linearly with ``k``,
     systematic's does not (one sort of random keys): at (64, 10**4) Brewer takes about a
-    quarter of systematic's time at k = 1, half at k = 10, and 2.7x it at k = 100, so prefer
+    quarter of systematic's time at k = 1, half at k = 10, and 3x it at k = 100, so prefer
     ``"systematic"`` from a few tens of draws per row on, or whenever the joint inclusion
     probabilities do not matter and ``k`` is large; prefer ``"conditional_poisson"`` when the
     joint inclusion probabilities should be those of the maximum-entropy design (the closest
@@ -58,7 +58,7 @@ sample holds exactly ``k`` items. :func:`pips_sample` offers four designs:
     probabilities close to those of independent draws, all positive). Cost O(n k) time per
     solver step (about five steps; rows drawing more than half their items are solved as
     their complement, so ``k`` here is ``min(k, n - k)``), in row blocks of bounded memory:
-    at (64, 10**4), one thread, about 0.6 s at k = 10 and 8 s at k = 100, several times
+    at (64, 10**4), one thread, about 0.9 s at k = 10 and 7 s at k = 100, about 25x
     Brewer's; prefer it when the joint distribution matters and ``n k`` is moderate.
     :func:`conditional_poisson_marginals` gives the design's inclusion probabilities for
     given logits (the marginals SIMPLE trains with), differentiably.
