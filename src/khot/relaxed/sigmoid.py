@@ -89,6 +89,10 @@ _SAMPLE = 4096  # target size of the strided sub-sample that gives the starting 
 _FAST = 3  # plain Halley evaluations of the CPU path before a slice goes to the bracketed solver
 _DOUBLE = 1 << 14  # up to this many elements the CPU path solves in float64
 _MAX = torch.finfo(torch.float64).max
+# float64 work for a lower-precision output clamps |x - t| / τ here, where sigmoid is 1 or below 1e-100
+# (0 in float32): sigmoid, its squares and cubes then never reach subnormal numbers, which cost a CPU
+# 5-10x more per element (sharp temperatures put most entries that far from the threshold)
+_BOUND = 230.0
 _R32 = 2.0**126  # 1 / τ is clamped here in float32 work (differences below 2**-126 are subnormal)
 _LOW_BITS = 0x7FFFFFFFFFFFFFFF
 _F32 = 2.0**127  # float32 work clamps the threshold and its tail here (finite; inf - inf is NaN)
@@ -175,10 +179,7 @@ class _Rule:
         self.floor = tol_w / 4
         # float32 sums (CPU path) are accurate to 2**-24 ceil(log2 n) Σ p (pairwise); else float64
         self.rounding = 2.0**-24 * math.ceil(math.log2(x.shape[-1] + 1)) if adaptive and x.dtype != torch.float64 else 0.0
-        # float64 work for a lower-precision output: |x - t| / τ is clamped to 230, where sigmoid is 1
-        # or below 1e-100 (0 in float32): sigmoid, its squares and cubes never reach subnormal numbers,
-        # which cost a CPU 5-10x more per element (sharp temperatures make most entries that far)
-        self.bound = 230.0 if x.dtype == torch.float64 and tol_w > 1e-8 else None
+        self.bound = _BOUND if x.dtype == torch.float64 and tol_w > 1e-8 else None  # float64 work, lower-precision output
         # a Newton step δ in c from the root's neighbourhood misses it by at most δ² / 2 (|f''| <= f'),
         # below the tolerance
         self.close = math.sqrt(tol_w) / 2
@@ -186,7 +187,7 @@ class _Rule:
     def take(self, rows: Tensor) -> _Rule:
         """The rule of the slices ``rows``, solved in float64."""
         rule = object.__new__(_Rule)
-        bound = 230.0 if self.tol_w > 1e-8 else None
+        bound = _BOUND if self.tol_w > 1e-8 else None
         rule.__dict__.update(self.__dict__, k=_take(self.k, rows), tol_k=_take(self.tol_k, rows), rounding=0.0, bound=bound)
         return rule
 
