@@ -92,16 +92,21 @@ def _measure(k: Tensor, rows: Tensor):
     """:func:`refine`'s evaluation of ``S(t) = Σ clip(z - t, 0, 1)`` for the targets ``k``: the Newton
     step on the piece to the right of ``t`` (``t + (S - k) / #free``), exact once the sets of zeros,
     free entries and ones stay the same between two Newton iterates (``S`` is then linear between
-    them and the previous step landed on its root). Four arithmetic passes and three sums into two
-    scratch rows allocated once (ceil and floor count the sets: comparisons, their masks and fresh
-    allocations each cost several passes on the CPU)."""
-    clipped, ones_at = torch.empty_like(rows), torch.empty_like(rows)
+    them and the previous step landed on its root). One pass into a scratch row allocated once, three
+    passes in place on it and three sums: ``c = clip(z - t, 0, 1)`` summed, then ``frac(c)`` (``c``
+    without the ones) summed, which counts the ones as the difference, then ``ceil(frac(c))`` (the
+    free set) summed (comparisons, their masks and fresh allocations each cost several passes on the
+    CPU, an in-place pass about half of one into a second row)."""
+    clipped = torch.empty_like(rows)
 
     def measure(rows: Tensor, at: Tensor, state: dict | None):
         c = torch.sub(rows, at.to(rows.dtype), out=clipped).clamp_(0, 1)
         total = row_sum(c)
-        ones = row_sum(torch.floor(c, out=ones_at))  # z - t >= 1
-        free = row_sum(c.ceil_()) - ones  # 0 < z - t < 1
+        # z - t >= 1: each one adds 1 to total and 0 to Σ frac(c); the other terms are the same
+        # values summed in the same order (float32 chunks of 256), so the two sums differ by the count
+        # plus rounding errors of order 1e-4 for a row of 10^6 (rounded off)
+        ones = torch.round(total - row_sum(c.frac_()))
+        free = row_sum(c.ceil_())  # 0 < z - t < 1
         at = at.squeeze(-1)
         flat = (free == 0) & (total == k)  # S = k on a flat piece (integer k): any t there
         proposal = torch.where(flat, at, at + (total - k) / free)  # ±inf or NaN on other flat pieces
