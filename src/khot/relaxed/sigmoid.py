@@ -271,6 +271,7 @@ def _iterate(x: Tensor, k: float | Tensor, r: float | Tensor, t: Tensor, rule: _
     splits = torch.zeros_like(t)  # bisections taken: the CPU path alternates bit-pattern and arithmetic midpoints
     budget = _EVALUATIONS + _BITS if adaptive else _EVALUATIONS
     p = out
+    rows = whole = None  # CPU: the slices still iterated, and (p, t) of all, where done slices are kept
     for evaluation in range(1, budget + 1):
         # dropping t_lo moves p by |t_lo| r / 4 <= 2**-26 |t r| at most: the CPU path does where that is < 2e-7
         scale = _scale(t, r) if adaptive else math.inf
@@ -280,6 +281,15 @@ def _iterate(x: Tensor, k: float | Tensor, r: float | Tensor, t: Tensor, rule: _
         if adaptive and bool((done | near).all()):
             p, t = _finish(x, p, t, gap, w, near & ~done, r, scale, rule.bound) if bool((near & ~done).any()) else (p, t)
             break
+        if adaptive and 2 * int(done.sum()) >= len(done):  # drop the done slices: the rest take the steps
+            if rows is None:
+                rows, whole = torch.arange(len(t), device=t.device), (p, t.clone())
+            whole[0][rows[done]] = p[done].masked_fill_(gap[done].isnan().unsqueeze(-1), math.nan)
+            whole[1][rows[done]] = t[done]
+            keep = ~done
+            x, p, rows, f, w, gap, near = x[keep], p[keep], rows[keep], f[keep], w[keep], gap[keep], near[keep]
+            t, lo, hi, f_lo, f_hi, previous, steps, final, splits = (v[keep] for v in (t, lo, hi, f_lo, f_hi, previous, steps, final, splits))
+            k, r, rule, done = _take(k, keep), _take(r, keep), rule.take(keep), done[keep]
         hi, f_hi = torch.where(gap > 0, t, hi), torch.where(gap > 0, f, f_hi)  # f decreases in t
         lo, f_lo = torch.where(gap < 0, t, lo), torch.where(gap < 0, f, f_lo)
         if evaluation == budget:  # every slice is done by now (see the module docstring)
@@ -306,7 +316,11 @@ def _iterate(x: Tensor, k: float | Tensor, r: float | Tensor, t: Tensor, rule: _
             final = final | adjacent
         previous = torch.where(good, step.abs(), math.inf)
         steps = steps + good
-    return p.masked_fill_(gap.isnan().unsqueeze(-1), math.nan), t  # a NaN anywhere makes the slice NaN
+    p = p.masked_fill_(gap.isnan().unsqueeze(-1), math.nan)  # a NaN anywhere makes the slice NaN
+    if rows is None:
+        return p, t
+    whole[0][rows], whole[1][rows] = p, t
+    return whole
 
 
 def _refine(x: Tensor, k: float | Tensor, r: float | Tensor, t: Tensor, rule: _Rule, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
