@@ -266,8 +266,9 @@ def threshold_reference(x: torch.Tensor, k, tau, halvings: int = 1100) -> torch.
     return p.gather(0, best.view(1, -1, 1).expand(1, *z.shape))[0]
 
 
-def check_accuracy(x: torch.Tensor, k, tau) -> None:
-    p = sigmoid_topk(x, k, temperature=tau)
+def check_accuracy(x: torch.Tensor, k, tau, p: torch.Tensor | None = None) -> None:
+    """``sigmoid_topk(x, k, temperature=tau)`` (or ``p``, its rows computed in a larger batch) against the reference."""
+    p = sigmoid_topk(x, k, temperature=tau) if p is None else p
     ref = threshold_reference(x, k, tau)
     k = torch.as_tensor(k, dtype=torch.float64)
     floor = (ref.sum(-1) - k).abs()  # what float64 itself can reach here
@@ -440,9 +441,14 @@ def test_sharp_temperatures_take_few_evaluations(monkeypatch, tau, dtype):
     g = torch.Generator().manual_seed(11)
     for x, k in ((5 * torch.randn(64, 1000, generator=g), 10), (torch.randn(4096, 64, generator=g), 2)):
         x = x.to(dtype)
-        evaluations = count_evaluations(monkeypatch, lambda: sigmoid_topk(x, k, temperature=tau))
+        x[3, 5] = math.nan  # done at once: dropped from the iteration with its NaN
+        out = []
+        evaluations = count_evaluations(monkeypatch, lambda: out.append(sigmoid_topk(x, k, temperature=tau)))
         assert evaluations <= 26, evaluations  # was 19-72 (12-25 now)
-        check_accuracy(x[:8], k, tau)
+        (p,) = out
+        assert p[3].isnan().all() and not p[[0, 1, 2, 4]].isnan().any()
+        rows = [0, 1, 2, 4, 5, 6, 7, len(x) - 1]  # the batch's own rows, some dropped early, some late
+        check_accuracy(x[rows], k, tau, p=p[rows])
 
 
 def test_fast_lane_and_bracketed_solver_agree_within_one_batch():
