@@ -16,7 +16,8 @@ scans). Cost: one sort and two scans, ``O(n log n)``. That is the portable path 
 synchronisation). On CPU tensors, long rows skip the sort (:func:`khot.relaxed._threshold.long_rows`):
 the same closed form is applied to the partition of the row at the current estimate of ``t`` (a few
 arithmetic passes), which converges cubically since ``F`` is C¹; a row is done once the error bound
-``n (cosh d - 1)`` of the last step is below the working precision (typically 2 or 3 passes).
+``m (cosh d - 1)`` of the last step (``m`` bounds the number of scores within ``|d|`` of ``t``) is below
+the working precision (typically 2 passes).
 
 Backward (implicit function theorem, no solver): ``w = F'(z - t) = min(p, 1 - p)`` and
 ``grad_x = w (g - Σ w g / Σ w) / τ``, ``grad_k = Σ w g / Σ w`` (and ``grad_τ``).
@@ -108,8 +109,9 @@ def _measure(k: Tensor, rows: Tensor, below: tuple[Tensor, Tensor] | None = None
     ``P = Σ_{u<0} e^u``, ``Q = Σ_{u>0} e^{-u}`` and ``a = #{u > 0}`` (ties at 0 count half on each
     side), ``S(t + d) = P e^{-d} / 2 + a - Q e^{d} / 2`` for every ``d`` that moves no score across
     the threshold: the step solves that quadratic in ``e^d`` (the module docstring's closed form).
-    Scores that do cross are off by at most ``cosh(d) - 1`` each, so the step is exact to within
-    ``n (cosh d - 1)`` in ``S`` (F is C¹ at 0): the row is done once that bound, divided by the least
+    Scores that do cross are off by at most ``cosh(d) - 1`` each, and there are at most
+    ``m = min(n, e^{|d|} (P + Q))`` of them (each has ``|u| <= |d|``, so ``e^{-|u|} >= e^{-|d|}``), so the
+    step is exact to within ``m (cosh d - 1)`` in ``S`` (F is C¹ at 0): the row is done once that bound, divided by the least
     slope ``S'`` on the way, is below the working precision. Five arithmetic passes and three sums
     into two scratch rows allocated once. ``below = (lo, low)`` adds scores left out of ``rows`` that
     all lie below ``lo`` (``(rows, 1)``) with ``Σ e^{z - lo} = low``; ``n`` counts every score of the
@@ -133,7 +135,9 @@ def _measure(k: Tensor, rows: Tensor, below: tuple[Tensor, Tensor] | None = None
         d = torch.where(c >= 0, torch.log(c + r) - torch.log(q), torch.log(p) - torch.log(r - c))
         at = at.squeeze(-1)
         step = d.abs()
-        bound = total * (torch.cosh(step) - 1) * torch.exp(step + 1) / ((p + q) / 2)  # t within 1: S' >= e^{-d-1} (P + Q) / 2
+        # the scores that cross, |u| <= |d|, each have e^{-|u|} >= e^{-|d|}: at most e^{|d|} (P + Q) of them
+        crossing = torch.clamp(torch.exp(step) * (p + q), max=total)
+        bound = crossing * (torch.cosh(step) - 1) * torch.exp(step + 1) / ((p + q) / 2)  # t within 1: S' >= e^{-d-1} (P + Q) / 2
         proposal = at + d
         done = bound <= tol * proposal.abs().clamp(min=1)
         return proposal, p / 2 + a - q / 2 > k, done, state or {}
