@@ -302,6 +302,8 @@ def _quantile_start(rows: Tensor, k: Tensor) -> Tensor:
     sample = rows[:, :: n // _SAMPLE].contiguous()
     m = sample.shape[-1]
     rank = (m - k * (m / n)).round().long().clamp(1, m)  # ascending rank of the k-th largest
+    if bool((rank == rank[:1]).all()):  # one rank for every row (a Python k): a selection, not a sort
+        return sample.kthvalue(int(rank[0]), -1).values.to(torch.float64)
     return sample.sort(-1).values.gather(-1, (rank - 1).unsqueeze(-1)).squeeze(-1).to(torch.float64)
 
 
