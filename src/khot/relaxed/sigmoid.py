@@ -14,9 +14,10 @@ Three things make that hold:
 * the threshold ``t`` is a float64 per slice, and float32 inputs are evaluated as
   ``((x - t_hi) - t_lo) / τ`` with ``t = t_hi + t_lo`` split into a float32 head and tail:
   ``x - t_hi`` is exact for the entries near the threshold, which are the ones that matter;
-* the sums ``Σ p`` and ``Σ p²`` accumulate in float64, or (CPU path) in float32 where the
-  rounding bound of a pairwise sum, ``2**-24 ceil(log2 n) Σ p``, is below the tolerance; ``k > n / 2``
-  is solved as ``n - k`` for ``-x`` (then ``1 - p``), so the sums stay small;
+* the sums ``Σ p`` and ``Σ p²`` accumulate in float64, or (CPU path) in float32 over chunks of
+  256 added in float64 where the rounding bound of a pairwise sum of 256 terms,
+  ``2**-24 * 9 Σ p``, is below the tolerance; ``k > n / 2`` is solved as ``n - k`` for ``-x``
+  (then ``1 - p``), so the sums stay small;
 * the solver cannot stop early or at a cap. ``f(t) = Σ p`` is decreasing in ``t``. Each step
   is Halley's method on ``log f(c) = log k`` (``c = -t / τ``; ``f'' = Σ p - 3 Σ p² + 2 Σ p³``),
   where the sums behave like exponentials, so the step is nearly exact far from the root too
@@ -56,8 +57,8 @@ cost is per tensor op rather than per element:
 * slices the fast lane leaves (staircases, sharp temperatures, NaN) go to the bracketed solver
   above, in float64, from the best threshold the fast lane evaluated; it ends the same way,
   bisects arithmetically every other time (bit-pattern bisection of a bracket that holds 0
-  first dives to tiny magnitudes) and sums in float32 where the rounding bound of a pairwise
-  sum, ``2**-24 ceil(log2 n) Σ p``, is below the tolerance.
+  first dives to tiny magnitudes) and drops the slices that are done once they are half of
+  those it iterates.
 
 Backward is closed-form (implicit function theorem, no solver): with ``w = p (1 - p)``,
 ``S = Σ w`` and ``m = Σ w g / S`` for an incoming gradient ``g``::
@@ -88,6 +89,7 @@ _EVALUATIONS = 2 + _HALLEY + _BITS  # enough for every slice: the portable path'
 _SAMPLE = 4096  # target size of the strided sub-sample that gives the starting point
 _FAST = 3  # plain Halley evaluations of the CPU path before a slice goes to the bracketed solver
 _DOUBLE = 1 << 14  # up to this many elements the CPU path solves in float64
+_CHUNK = 256  # the CPU path's float32 sums: of chunks this long, the chunk sums added in float64
 _MAX = torch.finfo(torch.float64).max
 # float64 work for a lower-precision output clamps |x - t| / τ here, where sigmoid is 1 or below 1e-100
 # (0 in float32): sigmoid, its squares and cubes then never reach subnormal numbers, which cost a CPU
@@ -155,8 +157,15 @@ def _sums(p: Tensor, accurate: bool) -> tuple[Tensor, Tensor]:
     if accurate:
         f = p.sum(-1, dtype=torch.float64)
         return f, (f - torch.linalg.vector_norm(p, dim=-1, dtype=torch.float64).square()).clamp_(min=0)
-    f = p.sum(-1).double()
-    return f, (f - torch.linalg.vector_norm(p, dim=-1).double().square()).clamp_(min=0)
+    # float32 sums of chunks of _CHUNK, the chunk sums added in float64: as cheap as one float32 sum
+    # and its rounding bound is that of _CHUNK terms, not n (a row with k near n / 2 then needs no
+    # float64 re-sum)
+    rows, n = p.shape
+    whole = n - n % _CHUNK
+    chunks, rest = p[:, :whole].view(rows, -1, _CHUNK), p[:, whole:]
+    f = chunks.sum(-1).double().sum(-1) + rest.sum(-1, dtype=torch.float64)
+    squares = torch.linalg.vector_norm(chunks, dim=-1).double().square().sum(-1) + torch.linalg.vecdot(rest, rest).double()
+    return f, (f - squares).clamp_(min=0)
 
 
 class _Rule:
@@ -177,8 +186,8 @@ class _Rule:
         # same way, so none moves by more than |Σ p - k| (where Σ p (1 - p) is tiny, on "staircases",
         # the relative rule asks for more than the rounding of p near 1 lets a sum show)
         self.floor = tol_w / 4
-        # float32 sums (CPU path) are accurate to 2**-24 ceil(log2 n) Σ p (pairwise); else float64
-        self.rounding = 2.0**-24 * math.ceil(math.log2(x.shape[-1] + 1)) if adaptive and x.dtype != torch.float64 else 0.0
+        # float32 sums (CPU path) of chunks are accurate to 2**-24 ceil(log2 chunk) Σ p (pairwise); else float64
+        self.rounding = 2.0**-24 * math.ceil(math.log2(min(x.shape[-1], _CHUNK) + 1)) if adaptive and x.dtype != torch.float64 else 0.0
         self.bound = _BOUND if x.dtype == torch.float64 and tol_w > 1e-8 else None  # float64 work, lower-precision output
         # a Newton step δ in c from the root's neighbourhood misses it by at most δ² / 2 (|f''| <= f'),
         # below the tolerance
