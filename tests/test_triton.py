@@ -210,6 +210,22 @@ def test_sigmoid_backward(sigmoid_kernels, monkeypatch, block):
         assert not grad_x[2].any()
 
 
+def test_sigmoid_gradient_through_the_kernels(sigmoid_kernels):
+    """sigmoid_topk's forward and backward as the Function calls them (k and τ as numbers and as
+    tensors): the kernels' gradients equal the CPU path's."""
+    x = torch.randn(3, 40, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    g = torch.randn(3, 40, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+
+    def gradient(k, tau):
+        xg = x.clone().requires_grad_()
+        khot.sigmoid_topk(xg, k, temperature=tau).backward(g)
+        return xg.grad
+
+    for k, tau in [(5.5, 0.5), (torch.tensor([1.0, 5.5, 30.0], dtype=torch.float64), torch.tensor(2.0, dtype=torch.float64))]:
+        got, want = _both(gradient, k, tau)
+        assert (got - want).abs().max() <= 1e-8
+
+
 @pytest.fixture
 def router_kernels():
     return _kernels("router")

@@ -463,13 +463,20 @@ def _forward_vmap(info, in_dims, x: Tensor, k: Tensor, inv_tau: Tensor):
 torch.library.register_vmap(_forward_op, _forward_vmap)
 
 
+def _on_numbers(t: Tensor) -> bool:
+    """Whether a call on ``t`` runs the CPU path directly (a plain eager CPU call, no other backend
+    forced), which takes ``k`` and ``1 / τ`` as numbers: no per-slice tensors to build. The ops
+    themselves (compile, ``torch.func``, the Triton kernels) take tensors."""
+    return t.device.type == "cpu" and _readable(t) and forced_backend() in (None, "cpu")
+
+
 class _SigmoidTopK(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
     def forward(x: Tensor, k: float | Tensor, temperature: float | Tensor) -> Tensor:
-        if not isinstance(k, Tensor) and not isinstance(temperature, Tensor) and x.device.type == "cpu" and _readable(x) and forced_backend() in (None, "cpu"):
-            return _forward_cpu(x, k, 1 / temperature)  # a plain eager CPU call: the CPU path, on numbers
+        if not isinstance(k, Tensor) and not isinstance(temperature, Tensor) and _on_numbers(x):
+            return _forward_cpu(x, k, 1 / temperature)
         batch = x.shape[:-1]
         kd = torch.as_tensor(k, dtype=torch.float64, device=x.device).expand(batch)
         r = torch.as_tensor(temperature, dtype=torch.float64, device=x.device).reciprocal().expand(batch)
@@ -491,8 +498,8 @@ class _SigmoidTopK(torch.autograd.Function):
         inv = tau.reciprocal() if ctx.tau_is_tensor else 1 / ctx.temperature
         if tau_grad or torch.is_grad_enabled():  # differentiated again (create_graph), or a gradient in τ
             grad_x, m, grad_tau = _backward(p, grad, inv, x if tau_grad else None, inplace=not torch.is_grad_enabled())
-        else:  # the op; on a plain eager call its implementation runs directly, on numbers
-            inv = inv if isinstance(inv, Tensor) or _readable(grad) else torch.tensor(inv, dtype=torch.float64, device=p.device)
+        else:
+            inv = inv if isinstance(inv, Tensor) or _on_numbers(grad) else torch.tensor(inv, dtype=torch.float64, device=p.device)
             (grad_x, m), grad_tau = call(_backward_op, p, grad, inv), None
         grad_k = m.to(ctx.k_dtype) if ctx.k_is_tensor and ctx.needs_input_grad[1] else None
         return grad_x, grad_k, None if grad_tau is None else grad_tau.to(tau.dtype)
