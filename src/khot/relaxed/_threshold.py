@@ -180,16 +180,22 @@ def top_above(rows: Tensor, lo: Tensor) -> Tensor | None:
     return _pack(picked, ~(picked <= bound), -torch.inf)
 
 
-def row_sum(t: Tensor) -> Tensor:
-    """``t.sum(-1)`` of a ``(rows, n)`` tensor as float64: float32 sums of chunks of 256, added in float64.
-    As cheap as a plain float32 sum (several times cheaper than one accumulating in float64 on the CPU)
-    and about 30x more accurate for long rows; sums of integers (counts) are exact."""
+CHUNK = 256  # row_sum's float32 sums are over chunks this long: their rounding bound is that of CHUNK terms
+
+
+def row_sum(t: Tensor, squares: bool = False) -> Tensor:
+    """``t.sum(-1)`` (``(t * t).sum(-1)`` where ``squares``) of a ``(rows, n)`` tensor as float64:
+    float32 sums of chunks of ``CHUNK``, added in float64. As cheap as a plain float32 sum (several
+    times cheaper than one accumulating in float64 on the CPU) and about 30x more accurate for long
+    rows; sums of integers (counts) are exact. Float64 tensors of any shape are summed as they are."""
     if t.dtype == torch.float64:
-        return t.sum(-1)
+        return torch.linalg.vecdot(t, t) if squares else t.sum(-1)
     r, n = t.shape
-    whole = n - n % 256
-    head = t[:, :whole].reshape(r, whole // 256, 256).sum(-1).to(torch.float64).sum(-1)
-    return head + t[:, whole:].sum(-1, dtype=torch.float64)
+    whole = n - n % CHUNK
+    head, tail = t[:, :whole].reshape(r, whole // CHUNK, CHUNK), t[:, whole:]
+    if squares:  # the norm of each chunk, squared in float64: no temporary of t's size
+        return torch.linalg.vector_norm(head, dim=-1).to(torch.float64).square().sum(-1) + torch.linalg.vecdot(tail, tail).to(torch.float64)
+    return head.sum(-1).to(torch.float64).sum(-1) + tail.sum(-1, dtype=torch.float64)
 
 
 def refine(rows: Tensor, k: Tensor, start: Tensor, measure: Callable, max_steps: int = 40) -> tuple[Tensor, Tensor]:

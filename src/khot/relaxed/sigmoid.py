@@ -81,6 +81,8 @@ from torch import Tensor
 from khot._backend import apply, call, custom_op, forced_backend
 from khot._checks import _readable, check_positive, check_real_count, check_tensor, normalize_dim
 
+from ._threshold import CHUNK, row_sum
+
 __all__ = ["sigmoid_topk"]
 
 _HALLEY = 12  # Halley steps per solve at most; typical inputs take 1-2
@@ -89,7 +91,7 @@ _EVALUATIONS = 2 + _HALLEY + _BITS  # enough for every slice: the portable path'
 _SAMPLE = 4096  # target size of the strided sub-sample that gives the starting point
 _FAST = 3  # plain Halley evaluations of the CPU path before a slice goes to the bracketed solver
 _DOUBLE = 1 << 14  # up to this many elements the CPU path solves in float64
-_CHUNK = 256  # the CPU path's float32 sums: of chunks this long, the chunk sums added in float64
+_LONG = 1 << 14  # from this row length the CPU path's float32 sums are over chunks (see _sums)
 _MAX = torch.finfo(torch.float64).max
 # float64 work for a lower-precision output clamps |x - t| / τ here, where sigmoid is 1 or below 1e-100
 # (0 in float32): sigmoid, its squares and cubes then never reach subnormal numbers, which cost a CPU
@@ -150,22 +152,18 @@ def _evaluate(x: Tensor, t: Tensor, r: float | Tensor, out: Tensor | None, tail:
 
 
 def _sums(p: Tensor, accurate: bool) -> tuple[Tensor, Tensor]:
-    """``(Σ p, Σ p (1 - p))`` per slice in float64, accumulated in float64 where ``accurate``."""
-    if p.dtype == torch.float64:
-        f = p.sum(-1)
-        return f, (f - torch.linalg.vecdot(p, p)).clamp_(min=0)
-    if accurate:
+    """``(Σ p, Σ p (1 - p))`` per slice in float64, accumulated in float64 where ``accurate``, else
+    (CPU path, rows) in float32: over chunks added in float64 on rows of at least ``_LONG`` (``row_sum``:
+    as cheap as one float32 sum, with the rounding bound of ``CHUNK`` terms, not ``n``), in one sum
+    on shorter rows (fewer ops)."""
+    if accurate and p.dtype != torch.float64:
         f = p.sum(-1, dtype=torch.float64)
         return f, (f - torch.linalg.vector_norm(p, dim=-1, dtype=torch.float64).square()).clamp_(min=0)
-    # float32 sums of chunks of _CHUNK, the chunk sums added in float64: as cheap as one float32 sum
-    # and its rounding bound is that of _CHUNK terms, not n (a row with k near n / 2 then needs no
-    # float64 re-sum)
-    rows, n = p.shape
-    whole = n - n % _CHUNK
-    chunks, rest = p[:, :whole].view(rows, -1, _CHUNK), p[:, whole:]
-    f = chunks.sum(-1).double().sum(-1) + rest.sum(-1, dtype=torch.float64)
-    squares = torch.linalg.vector_norm(chunks, dim=-1).double().square().sum(-1) + torch.linalg.vecdot(rest, rest).double()
-    return f, (f - squares).clamp_(min=0)
+    if p.dtype == torch.float64 or p.shape[-1] >= _LONG:
+        f = row_sum(p)
+        return f, (f - row_sum(p, squares=True)).clamp_(min=0)
+    f = p.sum(-1).double()
+    return f, (f - torch.linalg.vector_norm(p, dim=-1).double().square()).clamp_(min=0)
 
 
 class _Rule:
@@ -187,7 +185,7 @@ class _Rule:
         # the relative rule asks for more than the rounding of p near 1 lets a sum show)
         self.floor = tol_w / 4
         # float32 sums (CPU path) of chunks are accurate to 2**-24 ceil(log2 chunk) Σ p (pairwise); else float64
-        self.rounding = 2.0**-24 * math.ceil(math.log2(min(x.shape[-1], _CHUNK) + 1)) if adaptive and x.dtype != torch.float64 else 0.0
+        self.rounding = 2.0**-24 * math.ceil(math.log2((CHUNK if x.shape[-1] >= _LONG else x.shape[-1]) + 1)) if adaptive and x.dtype != torch.float64 else 0.0
         self.bound = _BOUND if x.dtype == torch.float64 and tol_w > 1e-8 else None  # float64 work, lower-precision output
         # a Newton step δ in c from the root's neighbourhood misses it by at most δ² / 2 (|f''| <= f'),
         # below the tolerance
