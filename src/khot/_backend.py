@@ -104,6 +104,11 @@ def custom_op(name: str, portable: Callable, *, cpu: Callable | None = None, fak
     return op
 
 
+def _plain(args) -> bool:
+    """Whether a call on ``args`` is plain eager: every tensor among them can be read here."""
+    return all(_readable(a) for a in args if isinstance(a, torch.Tensor))
+
+
 def call(op, *args):
     """Run ``op(*args)``, skipping the dispatcher's overhead (tens of µs) on plain eager calls.
 
@@ -111,10 +116,9 @@ def call(op, *args):
     runs (so the compiler sees one opaque call); otherwise the backend it would pick runs directly. Only for
     ops whose autograd lives outside them (an ``autograd.Function`` around the call).
     """
-    tensors = [a for a in args if isinstance(a, torch.Tensor)]
-    if not all(_readable(t) for t in tensors):
+    if not _plain(args):
         return op(*args)
-    device = tensors[0].device.type
+    device = next(a for a in args if isinstance(a, torch.Tensor)).device.type
     return op._khot_pick(device if device in ("cpu", "cuda") else "other")(*args)
 
 
@@ -130,7 +134,7 @@ def apply(function: type[torch.autograd.Function], *args):
     call, as much as a softmax on a short row. The twin runs the same ``forward``,
     ``setup_context`` and ``backward``.
     """
-    if not all(_readable(a) for a in args if isinstance(a, torch.Tensor)):
+    if not _plain(args):
         return function.apply(*args)
     twin = _EAGER.get(function)
     if twin is None:

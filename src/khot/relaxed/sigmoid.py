@@ -14,10 +14,11 @@ Three things make that hold:
 * the threshold ``t`` is a float64 per slice, and float32 inputs are evaluated as
   ``((x - t_hi) - t_lo) / τ`` with ``t = t_hi + t_lo`` split into a float32 head and tail:
   ``x - t_hi`` is exact for the entries near the threshold, which are the ones that matter;
-* the sums ``Σ p`` and ``Σ p²`` accumulate in float64, or (CPU path) in float32 over chunks of
-  256 added in float64 where the rounding bound of a pairwise sum of 256 terms,
-  ``2**-24 * 9 Σ p``, is below the tolerance; ``k > n / 2`` is solved as ``n - k`` for ``-x``
-  (then ``1 - p``), so the sums stay small;
+* the sums ``Σ p`` and ``Σ p²`` accumulate in float64, or (CPU path) in float32 where the
+  rounding bound of a pairwise sum of ``m`` terms, ``2**-24 ceil(log2 m) Σ p``, is below the
+  tolerance (rows of ``2**14`` and more are summed in chunks of ``m = 256`` added in float64, so
+  long rows need no float64 sums); ``k > n / 2`` is solved as ``n - k`` for ``-x`` (then
+  ``1 - p``), so the sums stay small;
 * the solver cannot stop early or at a cap. ``f(t) = Σ p`` is decreasing in ``t``. Each step
   is Halley's method on ``log f(c) = log k`` (``c = -t / τ``; ``f'' = Σ p - 3 Σ p² + 2 Σ p³``),
   where the sums behave like exponentials, so the step is nearly exact far from the root too
@@ -123,10 +124,12 @@ def _logit(v: float | Tensor) -> float | Tensor:
     return math.log(v / (1 - v)) if isinstance(v, float) else torch.logit(v)
 
 
-def _uniform(v: Tensor) -> float | Tensor:
-    """``v`` as a number when it is one value broadcast to every slice (then per-slice arithmetic
-    on it costs nothing), else ``v``."""
-    return float(v.reshape(-1)[0]) if v.numel() and all(s == 0 for s in v.stride()) else v
+def _per_row(v: float | Tensor) -> float | Tensor:
+    """``v`` (a number, or per slice) for the CPU path's rows: a number when it is one value broadcast
+    to every slice (then per-slice arithmetic on it costs nothing), else its values as one row."""
+    if not isinstance(v, Tensor):
+        return v
+    return float(v.reshape(-1)[0]) if v.numel() and all(s == 0 for s in v.stride()) else v.reshape(-1)
 
 
 def _evaluate(x: Tensor, t: Tensor, r: float | Tensor, out: Tensor | None, tail: bool, bound: float | None = None) -> Tensor:
@@ -140,10 +143,10 @@ def _evaluate(x: Tensor, t: Tensor, r: float | Tensor, out: Tensor | None, tail:
         t_hi, r_x = t, r
     else:
         t_hi = t.clamp(-_F32, _F32).to(x.dtype)
-        r_x = min(r, _R32) if isinstance(r, float) else r.clamp(-_R32, _R32).to(x.dtype).unsqueeze(-1)
+        r_x = min(r, _R32) if isinstance(r, float) else r.clamp(-_R32, _R32).to(x.dtype)
     out = torch.sub(x, t_hi.unsqueeze(-1), out=out)
-    if not isinstance(r_x, float):
-        out.mul_(r_x if x.dtype != torch.float64 else r_x.unsqueeze(-1))
+    if isinstance(r_x, Tensor):
+        out.mul_(r_x.unsqueeze(-1))
     elif r_x != 1.0:
         out.mul_(r_x)
     if tail and x.dtype != torch.float64:
@@ -286,7 +289,8 @@ def _iterate(x: Tensor, k: float | Tensor, r: float | Tensor, t: Tensor, rule: _
         f, w, gap, done, near = rule.judge(p, t * r if scale > 2**14 else None, near=adaptive)
         done = done | final
         if adaptive and bool((done | near).all()):
-            p, t = _finish(x, p, t, gap, w, near & ~done, r, scale, rule.bound) if bool((near & ~done).any()) else (p, t)
+            moving = near & ~done
+            p, t = _finish(x, p, t, gap, w, moving, r, scale, rule.bound) if bool(moving.any()) else (p, t)
             break
         if adaptive and 2 * int(done.sum()) >= len(done):  # drop the done slices: the rest take the steps
             if rows is None:
@@ -341,25 +345,24 @@ def _refine(x: Tensor, k: float | Tensor, r: float | Tensor, t: Tensor, rule: _R
     guarantees hold for every slice.
     """
     scaled = x.dtype != torch.float64 or rule.tol_w < 1e-6  # the float32 tail, or float64's resolution of c
-    p, tried, solved = out, [], None
+    p, tried = out, []
     for evaluation in range(_FAST):
         scale = _scale(t, r) if scaled else 0.0
         p = _evaluate(x, t, r, p, tail=scale > 12, bound=rule.bound)
-        # a slice ends one Newton step from the root; the start itself is never taken (one more step
-        # costs less than the check)
+        # a slice ends one Newton step from the root ("near"); the start itself is never taken (one
+        # more step costs less than the check)
         f, w, gap, _, near = rule.judge(p, t * r if scale > 2**14 else None, near=evaluation > 0, done=False)
         tried.append((t, f))
         if evaluation:
-            solved = near
-            all_solved = bool(solved.all())
-            if all_solved or evaluation == _FAST - 1:
+            all_near = bool(near.all())
+            if all_near or evaluation == _FAST - 1:
                 break
         new = t + _halley(p, f, w, k, r, accurate=False)
-        t = torch.where(~new.isfinite() if solved is None else solved | ~new.isfinite(), t, new)  # not finite where w = 0: left to _iterate
-    if all_solved or bool(solved.any()):
-        p, t = _finish(x, p, t, gap, w, solved, r, scale, rule.bound)
-    if not all_solved:
-        rows = (~solved).nonzero().squeeze(-1)
+        t = torch.where(~new.isfinite() if near is None else near | ~new.isfinite(), t, new)  # not finite where w = 0: left to _iterate
+    if all_near or bool(near.any()):
+        p, t = _finish(x, p, t, gap, w, near, r, scale, rule.bound)
+    if not all_near:
+        rows = (~near).nonzero().squeeze(-1)
         kr = _take(k, rows)
         tried = [(t_i[rows], f_i[rows]) for t_i, f_i in tried]
         start, miss = tried[0][0], (tried[0][1] / kr).log().abs()
@@ -411,8 +414,7 @@ def _solve(x: Tensor, k: float | Tensor, inv_tau: float | Tensor, adaptive: bool
         return torch.empty_like(x)
     work = x if x.dtype in (torch.float32, torch.float64) else x.float()
     if adaptive:  # rows (it picks rows); one value for every slice: per-slice arithmetic on numbers
-        k, inv_tau = (_uniform(v) if isinstance(v, Tensor) else v for v in (k, inv_tau))
-        k, inv_tau = (v.reshape(-1) if isinstance(v, Tensor) else v for v in (k, inv_tau))
+        k, inv_tau = _per_row(k), _per_row(inv_tau)
         work = (work.double() if x.numel() <= _DOUBLE else work).reshape(-1, n)
     if isinstance(k, float):
         edge, flip = k <= 0 or k >= n, k > n / 2
