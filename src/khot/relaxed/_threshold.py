@@ -25,7 +25,7 @@ from khot._checks import check_count, check_positive, check_real_count, check_te
 
 __all__ = [
     "Rows", "work_dtype", "clamp_infinite", "finite_range_sorted", "largest_index", "lower_bound",
-    "top_above", "refine", "row_sum", "solve_window", "long_rows", "threshold_op", "scores_and_threshold", "shifted",
+    "LONG", "top_above", "refine", "row_sum", "solve_window", "long_rows", "threshold_op", "scores_and_threshold", "shifted",
     "threshold_function",
 ]
 
@@ -123,6 +123,7 @@ def largest_index(value: Callable[[Tensor], Tensor], k: Tensor, n: int, shape: t
 _DENSE = 2**14  # largest_index evaluates every index of slices up to this size (times columns)
 _SAMPLE = 4096  # sub-sample size per slice for the CPU paths' bracket
 _LADDER = 16  # the whole-row iteration starts from the threshold of every 16th score (long rows)
+LONG = 8 * _SAMPLE  # rows the CPU paths solve without sorting: at least this long
 WINDOW = 1 / 16  # the CPU paths solve from the scores above a bound when they are at most this fraction of a row
 
 
@@ -281,7 +282,7 @@ def long_rows(z: Tensor, k: Tensor, portable: Callable, windowed: Callable, meas
     keep the sorted search's rules (``portable``)."""
     rows, n = z.reshape(-1, z.shape[-1]), z.shape[-1]
     kr = k.reshape(-1)
-    if n < 8 * _SAMPLE or not bool(((kr >= 1) & (kr <= n - 1)).all()):
+    if n < LONG or not bool(((kr >= 1) & (kr <= n - 1)).all()):
         return portable(z, k)
     if bool((kr > n * WINDOW).all()):  # many scores near or above every threshold: no window, no bound
         lo = count = None
@@ -358,21 +359,28 @@ def shifted(z: Tensor, t: Tensor, inplace: bool = False) -> Tensor:
     return (z.sub_(head) if inplace else z - head).sub_(tail)
 
 
-def threshold_function(name: str, solve: Callable, weights: Callable[[Tensor], Tensor], slope: float = 1.0):
+def threshold_function(name: str, solve: Callable, weights: Callable[[Tensor], Tensor], slope: float = 1.0, *, keeps: float | None = None):
     """An autograd Function ``(x (..., n), k (...), τ (..., 1), *options) -> p`` from ``solve`` (the same
     signature, returning ``p`` in ``x``'s dtype) and ``weights(p) = F'`` (the module docstring);
-    ``options`` are non-tensor settings of the solver."""
+    ``options`` are non-tensor settings of the solver. With ``keeps = c``, ``solve`` returns
+    ``(p, c F')`` (the Function too, the second output not differentiable): a tensor the solver had
+    at hand, which the backward reads instead of computing ``weights(p)`` (a pass and a temporary
+    of the input's size fewer), except when it is itself differentiated (``create_graph``)."""
 
-    def backward(ctx, grad):
-        p, x, tau = ctx.saved_tensors
+    def backward(ctx, grad, *_):
+        if grad is None:  # keeps: grads are not materialised (no zeros for the second output)
+            return (None,) * (3 + ctx.n_options)
+        p, x, tau, *kept = ctx.saved_tensors
         dtype = work_dtype(p)
-        w = weights(p.to(dtype))
+        again = torch.is_grad_enabled()  # differentiated again: w from p, out of place
+        w = kept[0].to(dtype) if kept and not again else weights(p.to(dtype))
+        scale = keeps if kept and not again else 1.0
         s = w.sum(-1, keepdim=True)
-        out = None if torch.is_grad_enabled() else w * grad  # in place from here unless differentiated again
-        wg = w * grad if out is None else out
+        wg = w * grad
+        out = None if again else wg  # in place from here unless differentiated again
         m = wg.sum(-1, keepdim=True) / torch.where(s > 0, s, 1)
-        gz = torch.addcmul(wg, w, m, value=-1, out=out)  # w (g - m)
-        rate = slope / tau.to(dtype)
+        gz = torch.addcmul(wg, w, m, value=-1, out=out)  # scale * w (g - m)
+        rate = slope / (scale * tau.to(dtype))
         grad_k = m.squeeze(-1).to(torch.float64) if ctx.needs_input_grad[1] else None
         grad_tau = None
         if ctx.needs_input_grad[2]:
@@ -384,7 +392,12 @@ def threshold_function(name: str, solve: Callable, weights: Callable[[Tensor], T
     def setup_context(ctx, inputs, output):
         x, _, tau, *options = inputs
         ctx.n_options = len(options)
-        ctx.save_for_backward(output, x, tau)
+        if keeps is None:
+            ctx.save_for_backward(output, x, tau)
+        else:
+            ctx.mark_non_differentiable(output[1])
+            ctx.set_materialize_grads(False)  # no zeros for it
+            ctx.save_for_backward(output[0], x, tau, output[1])
 
     namespace = {
         "generate_vmap_rule": True,

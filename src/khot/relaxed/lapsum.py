@@ -19,7 +19,9 @@ arithmetic passes), which converges cubically since ``F`` is C¹; a row is done 
 ``m (cosh d - 1)`` of the last step (``m`` bounds the number of scores within ``|d|`` of ``t``) is below
 the working precision (typically 2 passes).
 
-Backward (implicit function theorem, no solver): ``w = F'(z - t) = min(p, 1 - p)`` and
+Backward (implicit function theorem, no solver): ``w = F'(z - t) = e^{-|z - t|} / 2`` (kept from the
+forward: one tensor of the input's size until the backward, which then needs neither a pass nor
+a temporary to compute it; ``min(p, 1 - p)`` when the backward is itself differentiated) and
 ``grad_x = w (g - Σ w g / Σ w) / τ``, ``grad_k = Σ w g / Σ w`` (and ``grad_τ``).
 """
 
@@ -29,8 +31,10 @@ import torch
 from torch import Tensor
 
 from khot._backend import apply
+from khot._checks import _readable
 
 from ._threshold import (
+    LONG,
     Rows,
     finite_range_sorted,
     largest_index,
@@ -154,19 +158,28 @@ def _threshold_cpu(z: Tensor, k: Tensor) -> Tensor:
 _threshold = threshold_op("lapsum_threshold", _threshold_portable, _threshold_cpu)
 
 
-def _solve(x: Tensor, k: Tensor, tau: Tensor) -> Tensor:
+def _clamped(z: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+    """``z`` clamped to ``[lo, hi]`` in place; two passes skipped on long CPU rows when no slice has
+    a bound (finite scores, which the CPU path solves without sorting: ``lo = -inf``, ``hi = +inf``)."""
+    if z.device.type == "cpu" and z.shape[-1] >= LONG and _readable(z) and not bool(torch.isfinite(torch.cat([lo, hi], -1)).any()):
+        return z
+    return z.clamp_min_(lo.to(z.dtype)).clamp_max_(hi.to(z.dtype))
+
+
+def _solve(x: Tensor, k: Tensor, tau: Tensor) -> tuple[Tensor, Tensor]:
+    """``(p, e)`` with ``e = e^{-|z - t|} = 2 F'``, kept for the backward (``keeps=2``)."""
     found = scores_and_threshold(_threshold, x, k, tau)
     if found is None:
-        return torch.zeros_like(x)
+        return torch.zeros_like(x), torch.zeros_like(x)
     z, t, lo, hi = found
-    u = shifted(z.clamp_min_(lo.to(z.dtype)).clamp_max_(hi.to(z.dtype)), t, inplace=True)
-    above = torch.sign(u)  # the one new tensor (NaN stays NaN)
-    e = u.abs_().neg_().exp_()  # e^{-|u|}, in place: u is ours (no out=: vmap has no rule for it)
-    above.clamp_min_(0)  # 1 where u > 0, else 0
-    # above (1 - e) + e / 2: e / 2 below (full relative precision in the tail), 1 - e / 2 above;
-    # arithmetic in place instead of torch.where, which costs about as much as the rest of the forward
-    # on the CPU (the halving folded into the last pass)
-    return above.addcmul_(above, e, value=-1).add_(e, alpha=0.5).to(x.dtype)
+    u = shifted(_clamped(z, lo, hi), t, inplace=True)
+    above = torch.sign(u).clamp_min_(0)  # 1 where u > 0, else 0 (NaN stays NaN): becomes p
+    e = u.abs_().neg_().exp_()  # in place: u is ours (no out=: vmap has no rule for it)
+    # above + e (1/2 - above): e / 2 below (full relative precision in the tail), 1 - e / 2 above;
+    # one in-place pass instead of torch.where, which costs about as much as the rest of the forward
+    # on the CPU
+    p = above.lerp_(torch.tensor(0.5, dtype=above.dtype, device=above.device), e)
+    return p.to(x.dtype), e.to(x.dtype)
 
 
 def _weights(p: Tensor) -> Tensor:
@@ -175,7 +188,7 @@ def _weights(p: Tensor) -> Tensor:
     return torch.minimum(p, q) if q.requires_grad else torch.minimum(p, q, out=q)  # out= is not differentiable
 
 
-_LapSumTopK = threshold_function("_LapSumTopK", _solve, _weights)
+_LapSumTopK = threshold_function("_LapSumTopK", _solve, _weights, keeps=2.0)
 
 
 def lapsum_topk(x: Tensor, k: float | Tensor, dim: int = -1, *, temperature: float | Tensor = DEFAULT_TEMPERATURE) -> Tensor:
@@ -203,4 +216,4 @@ def lapsum_topk(x: Tensor, k: float | Tensor, dim: int = -1, *, temperature: flo
     """
     rows = Rows(x, k, dim, temperature)
     k, tau = rows.tensors()
-    return rows.restore(apply(_LapSumTopK, rows.x, k, tau))
+    return rows.restore(apply(_LapSumTopK, rows.x, k, tau)[0])
