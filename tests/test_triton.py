@@ -186,6 +186,11 @@ def test_sigmoid_forward(sigmoid_kernels, monkeypatch, block, spread_below_rows,
             assert (got.double() - want.double()).abs().max() <= tol
     if block == 16:
         return
+    # roots on a bound of the bracket: no float64 threshold reaches k = 11.9 (the best is Σ p = 12),
+    # and the bound max(x) - logit(k / n) rounds onto 3e38, where Σ p = 11.5; the row must not end at 11
+    limit = torch.tensor([[3e38, -3e38, 1e38, -1e38, 0.0, 2.9e38, -2.9e38, 5.0, -5.0, 1.0, 2e38, -2e38]])
+    got, want = _both(khot.sigmoid_topk, limit, 11.9)
+    assert abs(float(got.double().sum()) - 11.9) <= 0.4 + 1e-6 and torch.equal(got, want)
     got, want = _both(khot.sigmoid_topk, x[:2].bfloat16(), torch.tensor([0.0, 40.0]))  # k = 0 and k = n
     assert torch.equal(got, want) and torch.equal(got[0], torch.zeros(40, dtype=torch.bfloat16))
     got, want = _both(khot.sigmoid_topk, x.t().contiguous().t().half(), 3.0)  # a non-contiguous half input

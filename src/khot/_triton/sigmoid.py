@@ -8,7 +8,7 @@ and accuracy, but each row stops on its own (no host synchronisation):
 * one pass for the start and the bracket: ``Σ x``, ``Σ x²``, ``min x``, ``max x`` (float64) and
   the NaN count (a NaN makes the row NaN, as on the CPU); the probit start
   ``t = x̄ - logit(k / n) sqrt(1 + π s² r² / 8) / r`` and the bracket
-  ``[min x, max x] - logit(k / n) / r``. As on the CPU, ``k > n / 2`` is solved as ``n - k`` for
+  ``[min x, max x] - logit(k / n) / r`` (four units in the last place wider). As on the CPU, ``k > n / 2`` is solved as ``n - k`` for
   ``-x`` (then ``p = 1 - p``), so the sums stay small;
 * then per evaluation one pass for ``f = Σ p`` and ``w = Σ p (1 - p)``, summed in float64 (float32
   inputs are evaluated as ``((x - t_hi) - t_lo) r`` with ``t = t_hi + t_lo`` split into a
@@ -49,6 +49,7 @@ SPREAD_BELOW_ROWS = 1024  # fewer rows than this, longer than BLOCK: every pass 
 SPREAD_ROUNDS = 3  # solver evaluations spread over programs before one program per row finishes
 NEWTON = 12  # Newton steps per row at most (as the CPU path)
 _MAX = tl.constexpr(torch.finfo(torch.float64).max)
+_ULPS4 = tl.constexpr(2.0**-50)  # four units in the last place of a float64, relative
 _R32 = tl.constexpr(2.0**126)  # as khot.relaxed.sigmoid: 1 / τ is clamped here in float32 work
 _F32 = tl.constexpr(2.0**127)  # float32 work clamps the threshold and its tail here
 _LOW = tl.constexpr(0x7FFFFFFFFFFFFFFF)
@@ -97,8 +98,10 @@ def _setup(k, r, nf, total, squares, low, high, nans, TOL_K: tl.constexpr):
     spread = tl.sqrt(1.0 + tl.maximum(squares / nf - mean * mean, 0.0) * r * r * _PI_8)
     t = mean - logit * spread / r
     t = tl.where(tl.abs(t) <= _MAX, t, 0.0)  # ±inf in the row
-    lo = tl.maximum(low - logit / r, -_MAX)
-    hi = tl.minimum(high - logit / r, _MAX)
+    lo, hi = low - logit / r, high - logit / r
+    # four units in the last place outward (khot.relaxed.sigmoid._outward): the root can sit on a bound
+    lo = tl.maximum(lo - (tl.minimum(tl.abs(lo), _MAX) + 1e-300) * _ULPS4, -_MAX)
+    hi = tl.minimum(hi + (tl.minimum(tl.abs(hi), _MAX) + 1e-300) * _ULPS4, _MAX)
     nan = nans > 0
     t = tl.where(nan, float("nan"), t)
     return target, sign, t, lo, hi, TOL_K * tl.maximum(target, 1.0), nan

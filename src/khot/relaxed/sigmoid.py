@@ -56,7 +56,9 @@ cost is per tensor op rather than per element:
   evaluates once more without sums: Newton's step from there misses the root by at most
   ``δ² / 2`` in ``c``, below the tolerance;
 * slices the fast lane leaves (staircases, sharp temperatures, NaN) go to the bracketed solver
-  above, in float64, from the best threshold the fast lane evaluated; it ends the same way,
+  above, in float64, inside a bracket from order statistics (``_order_bracket``: the ``⌈k⌉``-th
+  and ``(⌈k⌉+1)``-th largest scores, a few ``τ`` wide at sharp temperatures) and from its middle;
+  it ends the same way,
   bisects arithmetically every other time (bit-pattern bisection of a bracket that holds 0
   first dives to tiny magnitudes) and drops the slices that are done once they are half of
   those it iterates.
@@ -249,11 +251,21 @@ def _halley(p: Tensor, f: Tensor, w: Tensor, k: float | Tensor, r: float | Tenso
     return phi.div_(d1).div_(bend.clamp_(-1, 1).mul_(-0.5).add_(1)).div_(r)
 
 
+def _outward(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+    """A bracket ``[lo, hi]`` from bounds (not evaluated points) moved four units in the last place
+    outward and clamped to finite values: the root can sit on a bound itself (equal scores, ``τ``
+    below the scores' resolution), and the solver must end on points it evaluated."""
+    def margin(v: Tensor) -> Tensor:
+        return (v.abs().clamp(max=_MAX) + 1e-300) * 2.0**-50  # finite: ±inf ends stay ±inf, then ±_MAX
+
+    return (lo - margin(lo)).clamp(-_MAX, _MAX), (hi + margin(hi)).clamp(-_MAX, _MAX)
+
+
 def _bounds(x: Tensor, k: float | Tensor, r: float | Tensor) -> tuple[Tensor, Tensor]:
     """``min(x) - L τ <= t <= max(x) - L τ`` with ``L = logit(k / n)``: ``f`` is ``>= k`` and ``<= k`` there."""
     shift = _logit(k / x.shape[-1]) / r
     low, high = (v.double() for v in torch.aminmax(x, dim=-1))
-    return (low - shift).clamp(-_MAX, _MAX), (high - shift).clamp(-_MAX, _MAX)
+    return _outward(low - shift, high - shift)
 
 
 def _scale(t: Tensor, r: float | Tensor) -> float:
@@ -261,18 +273,37 @@ def _scale(t: Tensor, r: float | Tensor) -> float:
     return float((t.abs() * r).amax())
 
 
-def _iterate(x: Tensor, k: float | Tensor, r: float | Tensor, t: Tensor, rule: _Rule, adaptive: bool, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def _order_bracket(x: Tensor, k: float | Tensor, r: float | Tensor) -> tuple[Tensor, Tensor]:
+    """``(lo, hi)`` per row with ``Σ p >= k`` at ``lo`` and ``<= k`` at ``hi`` (``0 < k <= n / 2``), from the
+    ``c``-th and ``(c + 1)``-th largest scores, ``c = ⌈k⌉``: at ``lo`` each of the top ``c + 1`` scores has
+    ``p >= k / (c + 1)``; at ``hi`` the top ``c - 1`` have ``p <= 1`` and the other ``n - c + 1`` have
+    ``p <= (k - c + 1) / (n - c + 1)``. Within a few ``τ`` of the gap between those two scores: at sharp
+    temperatures far tighter than anything the evaluations give. ``∓_MAX`` where a score is NaN."""
+    n = x.shape[-1]
+    c = k.ceil() if isinstance(k, Tensor) else math.ceil(k)
+    top = x.topk(min(n, (c if isinstance(c, int) else int(c.max())) + 1), -1).values
+    index = torch.as_tensor(c, device=x.device).long().expand(x.shape[:-1]).unsqueeze(-1)
+    a, b = (top.gather(-1, (index + i).clamp(max=top.shape[-1] - 1)).squeeze(-1) for i in (-1, 0))
+    lo, hi = _outward(b - _logit(k / (c + 1)) / r, a - _logit((k - c + 1) / (n - c + 1)) / r)
+    lo = torch.where(lo.isnan() | (index.squeeze(-1) >= n), -_MAX, lo)  # c = n: no (c + 1)-th score
+    return lo, torch.where(hi.isnan(), _MAX, hi)
+
+
+def _iterate(x: Tensor, k: float | Tensor, r: float | Tensor, t: Tensor, rule: _Rule, adaptive: bool, out: Tensor | None = None, bracket: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """Solve ``Σ sigmoid((x - t) r) = k`` per slice from ``t`` inside a bracket; return ``(p, t)``.
 
     ``k`` (``0 < k < n``) and ``r > 0`` are numbers or float64 per slice, ``t`` float64 per slice.
     A slice is done by ``rule``, or when its bracket holds adjacent doubles; a NaN slice is NaN.
     ``adaptive`` (CPU) stops when every slice is done and computes only what a step needs;
     otherwise every evaluation runs, done slices frozen, float64 sums (no synchronisation).
-    ``out``: where ``p`` is written.
+    ``out``: where ``p`` is written. ``bracket``: a known ``(lo, hi)`` (the start is moved into it).
     """
     lo, hi = torch.full_like(t, -_MAX), torch.full_like(t, _MAX)
     if not adaptive:
         lo, hi = _bounds(x, k, r)
+    if bracket is not None:  # from its middle (fewest evaluations measured), or t moved into it
+        lo, hi = bracket
+        t = torch.where((lo > -_MAX) & (hi < _MAX), lo / 2 + hi / 2, torch.minimum(torch.maximum(t, lo), hi))
     bounded = not adaptive
     previous = torch.full_like(t, math.inf)  # the last Halley step: the next must be at most half
     steps = torch.zeros_like(t)  # Halley steps taken
@@ -340,19 +371,18 @@ def _refine(x: Tensor, k: float | Tensor, r: float | Tensor, t: Tensor, rule: _R
     Most slices are within one Newton step in ``p`` of the root after one or two Halley steps
     from the start; the bracket, its bookkeeping and the refused-step rules cost more than those
     steps on short slices. Slices that are not there after ``_FAST`` evaluations (staircases of
-    scores, extreme ranges, sharp temperatures, NaN) are solved by ``_iterate`` from whichever
-    evaluated threshold had ``Σ p`` closest to ``k`` in ratio, so the same rule and the same
-    guarantees hold for every slice.
+    scores, extreme ranges, sharp temperatures, NaN) are solved by ``_iterate`` inside their
+    order-statistic bracket (``_order_bracket``), so the same rule and the same guarantees hold
+    for every slice.
     """
     scaled = x.dtype != torch.float64 or rule.tol_w < 1e-6  # the float32 tail, or float64's resolution of c
-    p, tried = out, []
+    p = out
     for evaluation in range(_FAST):
         scale = _scale(t, r) if scaled else 0.0
         p = _evaluate(x, t, r, p, tail=scale > 12, bound=rule.bound)
         # a slice ends one Newton step from the root ("near"); the start itself is never taken (one
         # more step costs less than the check)
         f, w, gap, _, near = rule.judge(p, t * r if scale > 2**14 else None, near=evaluation > 0, done=False)
-        tried.append((t, f))
         if evaluation:
             all_near = bool(near.all())
             if all_near or evaluation == _FAST - 1:
@@ -363,14 +393,10 @@ def _refine(x: Tensor, k: float | Tensor, r: float | Tensor, t: Tensor, rule: _R
         p, t = _finish(x, p, t, gap, w, near, r, scale, rule.bound)
     if not all_near:
         rows = (~near).nonzero().squeeze(-1)
-        kr = _take(k, rows)
-        tried = [(t_i[rows], f_i[rows]) for t_i, f_i in tried]
-        start, miss = tried[0][0], (tried[0][1] / kr).log().abs()
-        for t_i, f_i in tried[1:]:
-            off = (f_i / kr).log().abs()
-            start, miss = torch.where(off < miss, t_i, start), torch.fmin(off, miss)
         # in float64: no split threshold, no subnormal numbers (see _Rule), no float32 sums to check
-        p_rows, t[rows] = _iterate(x[rows].double(), kr, _take(r, rows), start, rule.take(rows), adaptive=True)
+        x_rows, k_rows, r_rows = x[rows].double(), _take(k, rows), _take(r, rows)
+        bracket = _order_bracket(x_rows, k_rows, r_rows)
+        p_rows, t[rows] = _iterate(x_rows, k_rows, r_rows, t[rows], rule.take(rows), adaptive=True, bracket=bracket)
         p[rows] = p_rows.to(p.dtype)
     return p, t
 
