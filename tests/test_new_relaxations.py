@@ -96,6 +96,7 @@ def test_lapsum_gradcheck_in_x_k_and_temperature():
     k = torch.tensor([0.7, 3.0, 6.5], dtype=torch.float64, requires_grad=True)
     t = torch.tensor([0.3, 1.0, 4.0], dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, k, t: lapsum_topk(x, k, temperature=t), (x, k, t))
+    assert torch.autograd.gradcheck(lambda x, k: lapsum_topk(x, k, temperature=0.7), (x, k))  # τ a number: its rate folded in
     # the backward reads F' kept from the forward; differentiated again, it computes F' from p
     assert torch.autograd.gradgradcheck(lambda x, k, t: lapsum_topk(x, k, temperature=t), (x, k, t))
 

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from khot._backend import custom_op
-from khot._checks import check_count, check_positive, check_real_count, check_tensor, normalize_dim
+from khot._checks import _readable, check_count, check_positive, check_real_count, check_tensor, normalize_dim
 
 __all__ = [
     "Rows", "work_dtype", "clamp_infinite", "finite_range_sorted", "largest_index", "lower_bound",
@@ -359,6 +359,14 @@ def shifted(z: Tensor, t: Tensor, inplace: bool = False) -> Tensor:
     return (z.sub_(head) if inplace else z - head).sub_(tail)
 
 
+def _one_value(t: Tensor) -> float | None:
+    """The value of ``t`` when it is one number broadcast to every element of a plain CPU tensor
+    (as ``Rows.tensors`` makes of a number), else ``None``."""
+    if t.device.type == "cpu" and t.numel() and all(st == 0 or n == 1 for st, n in zip(t.stride(), t.shape)) and _readable(t):
+        return float(t.reshape(-1)[0])
+    return None
+
+
 def threshold_function(name: str, solve: Callable, weights: Callable[[Tensor], Tensor], slope: float = 1.0, *, keeps: float | None = None):
     """An autograd Function ``(x (..., n), k (...), τ (..., 1), *options) -> p`` from ``solve`` (the same
     signature, returning ``p`` in ``x``'s dtype) and ``weights(p) = F'`` (the module docstring);
@@ -376,12 +384,17 @@ def threshold_function(name: str, solve: Callable, weights: Callable[[Tensor], T
         w = kept[0].to(dtype) if kept and not again else weights(p.to(dtype))
         scale = keeps if kept and not again else 1.0
         s = w.sum(-1, keepdim=True)
-        wg = w * grad
+        # one τ for every slice (a plain CPU tensor): its rate folds into the first product, a pass fewer
+        one = None if again or ctx.needs_input_grad[2] else _one_value(tau)
+        r = 1.0 if one is None else slope / (scale * one)
+        wg = w * grad if one is None else torch.addcmul(w.new_zeros(()), w, grad, value=r)  # r w g
         out = None if again else wg  # in place from here unless differentiated again
         m = wg.sum(-1, keepdim=True) / torch.where(s > 0, s, 1)
-        gz = torch.addcmul(wg, w, m, value=-1, out=out)  # scale * w (g - m)
+        gz = torch.addcmul(wg, w, m, value=-1, out=out)  # r scale w (g - m / r)
+        grad_k = (m.squeeze(-1) / r).to(torch.float64) if ctx.needs_input_grad[1] else None
+        if one is not None:
+            return (gz.to(x.dtype) if ctx.needs_input_grad[0] else None), grad_k, None, *(None,) * ctx.n_options
         rate = slope / (scale * tau.to(dtype))
-        grad_k = m.squeeze(-1).to(torch.float64) if ctx.needs_input_grad[1] else None
         grad_tau = None
         if ctx.needs_input_grad[2]:
             z = torch.where((w > 0) & torch.isfinite(x), x.to(dtype), 0) * rate
