@@ -26,7 +26,7 @@ from khot._checks import _readable, check_count, check_positive, check_real_coun
 __all__ = [
     "Rows", "work_dtype", "clamp_infinite", "finite_range_sorted", "largest_index", "lower_bound",
     "LONG", "top_above", "refine", "row_sum", "solve_window", "long_rows", "threshold_op", "scores_and_threshold", "shifted",
-    "threshold_function",
+    "threshold_function", "one_value",
 ]
 
 
@@ -359,7 +359,7 @@ def shifted(z: Tensor, t: Tensor, inplace: bool = False) -> Tensor:
     return (z.sub_(head) if inplace else z - head).sub_(tail)
 
 
-def _one_value(t: Tensor) -> float | None:
+def one_value(t: Tensor) -> float | None:
     """The value of ``t`` when it is one number broadcast to every element of a plain CPU tensor
     (as ``Rows.tensors`` makes of a number), else ``None``."""
     if t.device.type == "cpu" and t.numel() and all(st == 0 or n == 1 for st, n in zip(t.stride(), t.shape)) and _readable(t):
@@ -385,7 +385,7 @@ def threshold_function(name: str, solve: Callable, weights: Callable[[Tensor], T
         scale = keeps if kept and not again else 1.0
         s = w.sum(-1, keepdim=True)
         # one τ for every slice (a plain CPU tensor): its rate folds into the first product, a pass fewer
-        one = None if again or ctx.needs_input_grad[2] else _one_value(tau)
+        one = None if again or ctx.needs_input_grad[2] else one_value(tau)
         r = 1.0 if one is None else slope / (scale * one)
         wg = w * grad if one is None else torch.addcmul(w.new_zeros(()), w, grad, value=r)  # r w g
         out = None if again else wg  # in place from here unless differentiated again

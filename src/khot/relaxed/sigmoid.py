@@ -84,7 +84,7 @@ from torch import Tensor
 from khot._backend import apply, call, custom_op, forced_backend
 from khot._checks import _readable, check_positive, check_real_count, check_tensor, normalize_dim
 
-from ._threshold import CHUNK, row_sum
+from ._threshold import CHUNK, one_value, row_sum
 
 __all__ = ["sigmoid_topk"]
 
@@ -131,7 +131,8 @@ def _per_row(v: float | Tensor) -> float | Tensor:
     to every slice (then per-slice arithmetic on it costs nothing), else its values as one row."""
     if not isinstance(v, Tensor):
         return v
-    return float(v.reshape(-1)[0]) if v.numel() and all(s == 0 for s in v.stride()) else v.reshape(-1)
+    one = one_value(v)
+    return v.reshape(-1) if one is None else one
 
 
 def _evaluate(x: Tensor, t: Tensor, r: float | Tensor, out: Tensor | None, tail: bool, bound: float | None = None) -> Tensor:
