@@ -101,6 +101,17 @@ def test_lapsum_gradcheck_in_x_k_and_temperature():
     assert torch.autograd.gradgradcheck(lambda x, k, t: lapsum_topk(x, k, temperature=t), (x, k, t))
 
 
+@pytest.mark.parametrize("name", ["sparse", "lapsum"])
+def test_gradient_in_k_at_extreme_temperatures(name):
+    # τ = 3e38: every p is k / n and grad_k is the row mean of g; a rate of 1e-39 folded into the
+    # first product of the backward would underflow it to subnormals (0 and 8e-7 instead of ±5.45e-7)
+    x = torch.randn(2, 6, generator=torch.Generator().manual_seed(9))
+    k = torch.tensor([1.5, 2.0], dtype=torch.float64, requires_grad=True)
+    g = torch.linspace(-1e-6, 1e-6, 12).reshape(2, 6)
+    khot.soft_topk(x, k, method=name, temperature=3e38).backward(g)
+    torch.testing.assert_close(k.grad, g.double().mean(-1), rtol=1e-5, atol=0)
+
+
 def test_lapsum_float32_matches_float64():
     x = torch.randn(4, 10**5, generator=torch.Generator().manual_seed(5))
     for k in (3, 5e4 + 0.5):

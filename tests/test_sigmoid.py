@@ -195,6 +195,14 @@ def test_rows_of_infinities_at_any_temperature(tau, backend):
     assert torch.equal(p[0, :5], torch.ones(5)) and torch.equal(p[1], torch.zeros(50)) and torch.equal(p[2, 48:], torch.ones(2))
 
 
+def test_tiny_k_at_sharp_temperatures():
+    # k - ceil(k) + 1 rounds to 0 below 1e-16: the order-statistic bracket's logit must be -inf, not an error
+    x = torch.randn(2, 20, generator=torch.Generator().manual_seed(8))
+    for k, tau in ((1e-17, 1e-3), (5e-17, 1e-2), (1e-300, 1.0)):
+        p = sigmoid_topk(x, k, temperature=tau)
+        assert bool((p.double().sum(-1) - k).abs().max() <= 1e-6), (k, tau)
+
+
 def test_empty():
     assert sigmoid_topk(torch.empty(0, 5), 2).shape == (0, 5)
     assert sigmoid_topk(torch.empty(3, 0), 0).shape == (3, 0)

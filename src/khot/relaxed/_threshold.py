@@ -386,6 +386,8 @@ def threshold_function(name: str, solve: Callable, weights: Callable[[Tensor], T
         s = w.sum(-1, keepdim=True)
         # one τ for every slice (a plain CPU tensor): its rate folds into the first product, a pass fewer
         one = None if again or ctx.needs_input_grad[2] else one_value(tau)
+        if one is not None and not (one > 0 and 2.0**-24 <= slope / (scale * one) <= 2.0**24):
+            one = None  # τ that rounds to 0, or r far from 1: r w g could underflow (m loses bits) or overflow
         r = 1.0 if one is None else slope / (scale * one)
         wg = w * grad if one is None else torch.addcmul(w.new_zeros(()), w, grad, value=r)  # r w g
         out = None if again else wg  # in place from here unless differentiated again

@@ -123,7 +123,11 @@ def _log(v: float | Tensor) -> float | Tensor:
 
 
 def _logit(v: float | Tensor) -> float | Tensor:
-    return math.log(v / (1 - v)) if isinstance(v, float) else torch.logit(v)
+    """``log(v / (1 - v))``, ``∓inf`` at 0 and 1 for numbers as for tensors (``k`` below 1e-16 rounds
+    ``k - ⌈k⌉ + 1`` to 0 in ``_order_bracket``)."""
+    if not isinstance(v, float):
+        return torch.logit(v)
+    return -math.inf if v <= 0 else math.inf if v >= 1 else math.log(v) - math.log1p(-v)
 
 
 def _per_row(v: float | Tensor) -> float | Tensor:
