@@ -195,6 +195,21 @@ def test_rows_of_infinities_at_any_temperature(tau, backend):
     assert torch.equal(p[0, :5], torch.ones(5)) and torch.equal(p[1], torch.zeros(50)) and torch.equal(p[2, 48:], torch.ones(2))
 
 
+def test_long_rows_stop_within_the_tolerance_after_one_halley_step(monkeypatch):
+    # the sub-sample's threshold, one Halley step: every row within the tolerance at the second
+    # full-row evaluation, which is then the output (no third evaluation), as accurate as ever
+    import khot.relaxed.sigmoid as module
+
+    shapes, evaluate = [], module._evaluate
+    monkeypatch.setattr(module, "_evaluate", lambda x, *a, **kw: shapes.append(x.shape[-1]) or evaluate(x, *a, **kw))
+    x = torch.randn(3, 2**16, generator=torch.Generator().manual_seed(10))
+    for k in (10.0, 6553.6, 2.0**15):
+        shapes.clear()
+        p = sigmoid_topk(x, k)
+        assert shapes.count(2**16) == 2, (k, shapes)
+        check_accuracy(x, k, 1.0, p=p)
+
+
 def test_tiny_k_at_sharp_temperatures():
     # k - ceil(k) + 1 rounds to 0 below 1e-16: the order-statistic bracket's logit must be -inf, not an error
     x = torch.randn(2, 20, generator=torch.Generator().manual_seed(8))
