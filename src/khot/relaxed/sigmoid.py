@@ -198,7 +198,7 @@ class _Rule:
         self.floor = tol_w / 4
         # float32 sums (CPU path) of chunks are accurate to 2**-24 ceil(log2 chunk) Σ p (pairwise); else float64
         self.rounding = 2.0**-24 * math.ceil(math.log2((CHUNK if x.shape[-1] >= _LONG else x.shape[-1]) + 1)) if adaptive and x.dtype != torch.float64 else 0.0
-        self.bound = _BOUND if x.dtype == torch.float64 and tol_w > 1e-8 else None  # float64 work, lower-precision output
+        self.bound = self._bound(x.dtype)
         # a Newton step δ in c from the root's neighbourhood misses it by at most δ² / 2 (|f''| <= f'),
         # below the tolerance
         self.close = math.sqrt(tol_w) / 2
@@ -206,9 +206,12 @@ class _Rule:
     def take(self, rows: Tensor) -> _Rule:
         """The rule of the slices ``rows``, solved in float64."""
         rule = object.__new__(_Rule)
-        bound = _BOUND if self.tol_w > 1e-8 else None
-        rule.__dict__.update(self.__dict__, k=_take(self.k, rows), tol_k=_take(self.tol_k, rows), rounding=0.0, bound=bound)
+        rule.__dict__.update(self.__dict__, k=_take(self.k, rows), tol_k=_take(self.tol_k, rows), rounding=0.0, bound=self._bound(torch.float64))
         return rule
+
+    def _bound(self, work: torch.dtype) -> float | None:
+        """``_BOUND`` for float64 work towards a lower-precision output (its tolerance), else no clamp."""
+        return _BOUND if work == torch.float64 and self.tol_w > 1e-8 else None
 
     def judge(self, p: Tensor, c: Tensor | None, near: bool = True, done: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
         """``(Σ p, Σ p (1 - p), k - Σ p, done, near)`` per slice of ``p`` (``done``/``near`` ``None`` unless asked)."""
@@ -387,10 +390,9 @@ def _refine(x: Tensor, k: float | Tensor, r: float | Tensor, t: Tensor, rule: _R
     for evaluation in range(_FAST):
         scale = _scale(t, r) if scaled else 0.0
         p = _evaluate(x, t, r, p, tail=scale > 12, bound=rule.bound)
-        # a slice ends within the tolerance or one Newton step from the root ("near"); the start
-        # itself is never taken (one more step costs less than the check)
-        # (checked on long rows, where one Halley step from the start is typically within it; on
-        # short ones the check costs as much as the final evaluation it could save)
+        # a slice ends one Newton step from the root ("near") or, on long rows, within the tolerance
+        # (one Halley step from the start typically gets there; on short rows the check costs as much
+        # as the final evaluation it could save); the start itself is never taken
         f, w, gap, done, near = rule.judge(p, t * r if scale > 2**14 else None, near=evaluation > 0, done=evaluation > 0 and x.shape[-1] >= _LONG)
         if evaluation:
             if done is not None and bool((done & ~gap.isnan()).all()):  # no final evaluation
