@@ -275,7 +275,7 @@ def long_rows(z: Tensor, k: Tensor, portable: Callable, windowed: Callable, meas
     A strided sub-sample gives a lower bound ``t_lo`` of each threshold, an estimate of how many
     scores exceed it and a first estimate of the threshold (:func:`lower_bound`). When that count is
     at most ``WINDOW`` of the rows,
-    ``windowed(rows, k, t_lo, count)`` solves from the scores above ``t_lo`` alone (:func:`top_above`,
+    ``windowed(rows, k, t_lo)`` solves from the scores above ``t_lo`` alone (:func:`top_above`,
     :func:`solve_window`: the thresholds and which of them are proven, or ``None``). Otherwise, and for
     the rows it does not prove, :func:`refine` iterates over whole rows from the sub-sample's
     threshold, with ``measure(k, rows)`` building its evaluation; rows with ``±inf`` or NaN scores
@@ -289,7 +289,7 @@ def long_rows(z: Tensor, k: Tensor, portable: Callable, windowed: Callable, meas
         start = _quantile_start(rows, kr)
     else:
         lo, count, start = lower_bound(rows, kr, lambda sample, ks: portable(sample, ks)[..., 0])
-    found = windowed(rows, kr, lo, count) if count is not None and count <= n * WINDOW else None
+    found = windowed(rows, kr, lo) if count is not None and count <= n * WINDOW else None
     if found is not None:
         out, ok = found
     else:

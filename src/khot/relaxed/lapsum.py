@@ -96,7 +96,7 @@ def _threshold_portable(z: Tensor, k: Tensor) -> Tensor:
     return _core(z, k)
 
 
-def _windowed(rows: Tensor, k: Tensor, lo: Tensor, count: int):
+def _windowed(rows: Tensor, k: Tensor, lo: Tensor):
     """From the scores above ``lo`` (:func:`top_above`); the others, below ``t`` when ``t >= lo``, enter
     through one sum, ``Σ e^{z - lo}`` (:func:`_measure`'s ``below``)."""
     top = top_above(rows, lo)  # every score above lo

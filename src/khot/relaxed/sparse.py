@@ -118,7 +118,7 @@ def _measure(k: Tensor, rows: Tensor):
     return measure
 
 
-def _windowed(rows: Tensor, k: Tensor, lo: Tensor, count: int):
+def _windowed(rows: Tensor, k: Tensor, lo: Tensor):
     top = top_above(rows, lo)  # every score above lo; the others are zeros when t >= lo
     return None if top is None else solve_window(top, k, lo, lambda k, top, which: _measure(k, top))
 
