@@ -72,7 +72,8 @@ Backward is closed-form (implicit function theorem, no solver): with ``w = p (1 
 
 Slices with ``S = 0`` (fully saturated) get zero gradients. The common backward (no gradient in
 ``τ``, not differentiated again) is the op ``khot::sigmoid_topk_backward``; it allocates one
-full-size tensor and rewrites it in place (``w / τ``, then ``w g / τ``, then the gradient).
+full-size tensor and rewrites it in place (``w / τ``, then ``w g / τ``, then ``(g - m) / τ``, then
+the gradient).
 """
 
 from __future__ import annotations
@@ -238,27 +239,30 @@ class _Rule:
         return is_done, is_near
 
 
-def _finish(x: Tensor, p: Tensor, t: Tensor, gap: Tensor, w: Tensor, near: Tensor, r: float | Tensor, scale: float, bound: float | None) -> tuple[Tensor, Tensor]:
-    """``(p, t)`` evaluated once more at ``t - δ / r`` for the slices ``near``, with ``δ = gap / w`` their
-    Newton step in ``c``: within ``δ² / 2`` of the root, below the tolerance, so no sums are taken."""
-    t = t - torch.where(near, gap / w, 0) / r
+def _finish(x: Tensor, p: Tensor, t: Tensor, gap: Tensor, w: Tensor, near: Tensor | None, r: float | Tensor, scale: float, bound: float | None) -> tuple[Tensor, Tensor]:
+    """``(p, t)`` evaluated once more at ``t - δ / r`` for the slices ``near`` (``None``: all), with ``δ = gap / w``
+    their Newton step in ``c``: within ``δ² / 2`` of the root, below the tolerance, so no sums are taken."""
+    delta = gap / w
+    delta = delta if near is None else delta.masked_fill_(~near, 0)
+    t = torch.sub(t, delta, alpha=1 / r) if isinstance(r, float) else t - delta / r
     return _evaluate(x, t, r, p, tail=scale > 12, bound=bound), t
 
 
 def _halley(p: Tensor, f: Tensor, w: Tensor, k: float | Tensor, r: float | Tensor, accurate: bool) -> Tensor:
     """The step in ``t`` of Halley's method on ``log f(c) = log k`` (``c = -t r``; ``f'' = Σ p - 3 Σ p² + 2 Σ p³``).
 
-    The sums behave like exponentials, so it is nearly exact far from the root too. Halley's
-    correction of Newton's step, ``1 / (1 - b / 2)``, is limited to ``[2/3, 2]``. ``p`` is
-    overwritten (``p³``).
+    The sums behave like exponentials, so it is nearly exact far from the root too. With
+    ``φ = log(f / k)`` and ``u = Σ p³ + 1.5 w - f``, Newton's step is ``φ f / w`` and Halley's
+    correction ``1 / (1 - b / 2)`` with ``b = φ (2 u f / w² - 1)``, limited to ``[-1, 1]``.
+    ``p`` is overwritten (``p³``); not finite where ``w = 0``.
     """
     cubes = p.pow_(3).sum(-1, dtype=torch.float64 if accurate else None)
-    cubes = cubes if cubes.dtype == torch.float64 else cubes.double()
-    phi = f.log() - _log(k)
-    d1 = w / f
-    d1_sq = d1.square()
-    bend = torch.add(cubes, w, alpha=1.5).sub_(f).mul_(2).div_(f).sub_(d1_sq).mul_(phi).div_(d1_sq)  # f''/f - d1², times phi / d1²
-    return phi.div_(d1).div_(bend.clamp_(-1, 1).mul_(-0.5).add_(1)).div_(r)
+    phi = (f / k).log_()
+    fw = f / w
+    u = torch.add(cubes, w, alpha=1.5).sub_(f).mul_(fw).div_(w)  # u f / w²
+    bend = torch.addcmul(phi.neg(), phi, u, value=2).clamp_(-1, 1)  # φ (2 u f / w² - 1)
+    step = phi.mul_(fw).div_(bend.mul_(-0.5).add_(1))
+    return step if isinstance(r, float) and r == 1.0 else step.div_(r)
 
 
 def _outward(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
@@ -280,7 +284,9 @@ def _bounds(x: Tensor, k: float | Tensor, r: float | Tensor) -> tuple[Tensor, Te
 
 def _scale(t: Tensor, r: float | Tensor) -> float:
     """``max |t r|``: where it is above 12 the float32 tail of ``t`` matters, above ``2**14`` float64's resolution of ``c``."""
-    return float((t.abs() * r).amax())
+    if isinstance(r, float):
+        return float(torch.linalg.vector_norm(t, math.inf)) * r
+    return float(torch.linalg.vector_norm(t * r, math.inf))
 
 
 def _order_bracket(x: Tensor, k: float | Tensor, r: float | Tensor) -> tuple[Tensor, Tensor]:
@@ -400,10 +406,10 @@ def _refine(x: Tensor, k: float | Tensor, r: float | Tensor, t: Tensor, rule: _R
             all_near = bool(near.all())
             if all_near or evaluation == _FAST - 1:
                 break
-        new = t + _halley(p, f, w, k, r, accurate=False)
-        t = torch.where(~new.isfinite() if near is None else near | ~new.isfinite(), t, new)  # not finite where w = 0: left to _iterate
+        step = _halley(p, f, w, k, r, accurate=False).nan_to_num_(0.0, 0.0, 0.0)  # not finite where w = 0: left to _iterate
+        t = t + (step if near is None else step.masked_fill_(near, 0))
     if all_near or bool(near.any()):
-        p, t = _finish(x, p, t, gap, w, near, r, scale, rule.bound)
+        p, t = _finish(x, p, t, gap, w, None if all_near else near, r, scale, rule.bound)
     if not all_near:
         rows = (~near).nonzero().squeeze(-1)
         # in float64: no split threshold, no subnormal numbers (see _Rule), no float32 sums to check
@@ -547,17 +553,16 @@ class _SigmoidTopK(torch.autograd.Function):
 def _backward(p: Tensor, grad: Tensor, inv_tau: float | Tensor, x: Tensor | None, inplace: bool) -> tuple[Tensor, Tensor, Tensor | None]:
     """``(grad_x, grad_k, grad_τ)`` for the output ``p``, the incoming ``grad`` and ``1 / τ``
     (a number, or a tensor of one or per-slice values); ``grad_τ`` only when ``x`` is given.
-    ``inplace`` rewrites one full-size buffer: ``w / τ``, then ``w g / τ``, then the gradient
-    ``w (g - m) / τ``."""
+    ``inplace`` rewrites one full-size buffer: ``w / τ``, then ``w g / τ``, then ``(g - m) / τ``,
+    then the gradient ``w (g - m) / τ``."""
     dtype = p.dtype if p.dtype == torch.float64 else torch.float32
     p, g = (v if v.dtype == dtype else v.to(dtype) for v in (p, grad))
     if isinstance(inv_tau, Tensor):
         inv = inv_tau.to(dtype)
         inv = inv.unsqueeze(-1) if inv.dim() else inv
-        scale = inv.expand_as(p)
     else:
-        inv, scale = inv_tau, p.new_full((), inv_tau).expand_as(p)
-    a = torch.ops.aten.sigmoid_backward(scale, p)
+        inv = inv_tau
+    a = torch.ops.aten.sigmoid_backward(p.new_full((), inv) if isinstance(inv, float) else inv, p)  # w / τ (a 0-d τ broadcasts fastest)
     out = a if inplace else None
     s = a.sum(-1)
     safe = torch.where(s > 0, s, 1)
@@ -570,8 +575,11 @@ def _backward(p: Tensor, grad: Tensor, inv_tau: float | Tensor, x: Tensor | None
     m = a.sum(-1) / safe
     if x is not None:
         grad_tau = (m * residual - torch.linalg.vecdot(a, xc)) * inv.squeeze(-1)
-    a = torch.sub(g, m.unsqueeze(-1), out=out)
-    a = a if isinstance(inv, float) and inv == 1.0 else a.mul_(inv) if inplace else a * inv
+    if isinstance(inv, float):  # (g - m) / τ in one pass
+        a = torch.add((m * -inv).unsqueeze(-1), g, alpha=inv, out=out)
+    else:
+        a = torch.sub(g, m.unsqueeze(-1), out=out)
+        a = a.mul_(inv) if inplace else a * inv
     if inplace:
         grad_x = torch.ops.aten.sigmoid_backward.grad_input(a, p, grad_input=a)
     else:
