@@ -6,6 +6,8 @@ One table of calls drives all three, so a new public op is checked by adding one
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -134,3 +136,30 @@ def test_eager_twin_and_the_new_style_function_agree(method):
     functional = torch.func.grad(loss)(x.detach())
     torch.testing.assert_close(functional, eager, atol=1e-10, rtol=0)
     assert eager.abs().sum() > 0
+
+
+BAD_CALLS = {  # invalid arguments: the error eager, the same compiled
+    "k above n": lambda x: khot.sigmoid_topk(x, 11),
+    "k not a count": lambda x: khot.topk_mask(x, 2.5),
+    "temperature 0": lambda x: khot.soft_topk(x, 2, method="sparse", temperature=0.0),
+    "dim out of range": lambda x: khot.keep_topk(x, 2, dim=5),
+    "per-slice k above n": lambda x: khot.sigmoid_topk(x, torch.full((4,), 11.0)),
+    "per-slice temperature 0": lambda x: khot.sigmoid_topk(x, 2, temperature=torch.zeros(4)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_CALLS))
+def test_invalid_arguments_raise_the_same_error_compiled(name):
+    fn, x = BAD_CALLS[name], inputs()["x"]
+    with pytest.raises((ValueError, TypeError)) as eager:
+        fn(x)
+    torch._dynamo.reset()
+    with pytest.raises(type(eager.value), match=re.escape(str(eager.value))):
+        torch.compile(fn, backend="aot_eager")(x)
+    # fullgraph: an error in a Python argument is raised while tracing, where Dynamo reports any
+    # exception as its own Unsupported carrying the message; errors in tensor values are raised
+    # at run time, the same type as eager
+    torch._dynamo.reset()
+    with pytest.raises(Exception) as full:
+        torch.compile(fn, fullgraph=True, backend="aot_eager")(x)
+    assert str(eager.value) in str(full.value), name
