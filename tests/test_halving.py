@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from khot.metrics import nccs
-from khot.relaxed.halving import _sort_descending, _tournament, halving_select, halving_topk
+from khot.relaxed.halving import _pair_weights, _sort_descending, _tournament, halving_select, halving_topk
 
 
 def reference(E: list[list[float]], v: list[float], k: int, tau: float, published: bool = False) -> list[list[float]]:
@@ -247,3 +247,17 @@ def test_default_beats_the_public_codes_default_on_the_papers_grid():
         ours = nccs(halving_select(x, s, k), top).mean()
         public = nccs(halving_select(x, s, k, temperature=BASE_20, published_weights=True), top).mean()
         assert ours > public, (k, n, DEFAULT_TEMPERATURE, ours.item(), public.item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_finite_scores_shortcut_gives_the_general_pair_weights(dtype):
+    # eager CPU calls on finite scores take _pair_weights' short form; other calls (compiled, other
+    # devices, rows with ±inf) the general one: the same weights and merged scores
+    g = torch.Generator().manual_seed(0)
+    s = torch.randn(64, 2, generator=g, dtype=dtype).sort(-1, descending=True).values * torch.tensor([1.0, 1.0, 1e-3, 30.0]).repeat_interleave(16).unsqueeze(-1).to(dtype)
+    for temperature in (0.005, 0.3, torch.tensor(0.7, dtype=dtype)):
+        short = _pair_weights(s[:, 0], s[:, 1], temperature, published=False, all_finite=True)
+        general = _pair_weights(s[:, 0], s[:, 1], temperature, published=False, all_finite=False)
+        eps = torch.finfo(dtype).eps
+        torch.testing.assert_close(short[0], general[0], atol=0, rtol=4 * eps)  # the weights
+        torch.testing.assert_close(short[1], general[1], atol=4 * eps * float(s.abs().max()), rtol=4 * eps)  # a mix of the pair

@@ -40,6 +40,12 @@ def _readable(t: torch.Tensor) -> bool:
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
+def _readable_cpu(t: torch.Tensor) -> bool:
+    """Whether ``t``'s values can be read here at no cost: a plain eager CPU tensor (what the CPU
+    paths' data-dependent shortcuts need)."""
+    return t.device.type == "cpu" and _readable(t)
+
+
 def _check_range_now(t: torch.Tensor, name: str, low: float, high: float, open_low: bool, what: str) -> None:
     """Raise the ``ValueError`` of :func:`check_range` where ``t`` has values outside the range.
 

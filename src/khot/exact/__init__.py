@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from .._backend import custom_op, forced_backend
-from .._checks import _readable, check_count, check_flag, check_rows, check_tensor, normalize_dim
+from .._checks import _readable_cpu, check_count, check_flag, check_rows, check_tensor, normalize_dim
 from . import _cpu, _portable
 
 __all__ = ["topk_mask", "keep_topk", "select_topk"]
@@ -92,7 +92,7 @@ torch.library.register_vmap(_select_topk_op, _select_vmap)
 
 def _direct(*tensors: Tensor | None) -> bool:
     """Whether a call may run the CPU path itself, skipping the op's dispatch (plain eager CPU calls)."""
-    if not all(t is None or (t.device.type == "cpu" and _readable(t)) for t in tensors):
+    if not all(t is None or _readable_cpu(t) for t in tensors):
         return False  # compiling, under a torch.func transform or off the CPU: through the op
     return forced_backend() in (None, "cpu")  # read only outside torch.compile, which cannot trace it
 

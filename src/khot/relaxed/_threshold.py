@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from khot._backend import custom_op
-from khot._checks import _readable, check_count, check_positive, check_real_count, check_tensor, normalize_dim
+from khot._checks import _readable_cpu, check_count, check_positive, check_real_count, check_tensor, normalize_dim
 
 __all__ = [
     "Rows", "work_dtype", "clamp_infinite", "finite_range_sorted", "largest_index", "lower_bound",
@@ -362,7 +362,7 @@ def shifted(z: Tensor, t: Tensor, inplace: bool = False) -> Tensor:
 def one_value(t: Tensor) -> float | None:
     """The value of ``t`` when it is one number broadcast to every element of a plain CPU tensor
     (as ``Rows.tensors`` makes of a number), else ``None``."""
-    if t.device.type == "cpu" and t.numel() and all(st == 0 or n == 1 for st, n in zip(t.stride(), t.shape)) and _readable(t):
+    if t.numel() and all(st == 0 or n == 1 for st, n in zip(t.stride(), t.shape)) and _readable_cpu(t):
         return float(t.reshape(-1)[0])
     return None
 

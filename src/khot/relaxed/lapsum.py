@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from khot._backend import apply
-from khot._checks import _readable
+from khot._checks import _readable_cpu
 
 from ._threshold import (
     LONG,
@@ -161,7 +161,7 @@ _threshold = threshold_op("lapsum_threshold", _threshold_portable, _threshold_cp
 def _clamped(z: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
     """``z`` clamped to ``[lo, hi]`` in place; two passes skipped on long CPU rows when no slice has
     a bound (finite scores, which the CPU path solves without sorting: ``lo = -inf``, ``hi = +inf``)."""
-    if z.device.type == "cpu" and z.shape[-1] >= LONG and _readable(z) and not bool(torch.isfinite(torch.cat([lo, hi], -1)).any()):
+    if z.shape[-1] >= LONG and _readable_cpu(z) and not bool(torch.isfinite(torch.cat([lo, hi], -1)).any()):
         return z
     return z.clamp_min_(lo.to(z.dtype)).clamp_max_(hi.to(z.dtype))
 

@@ -85,7 +85,7 @@ import torch
 from torch import Tensor
 
 from khot._backend import apply, call, custom_op, forced_backend
-from khot._checks import _readable, check_positive, check_real_count, check_tensor, normalize_dim
+from khot._checks import _readable_cpu, check_positive, check_real_count, check_tensor, normalize_dim
 
 from ._threshold import CHUNK, one_value, row_sum
 
@@ -512,7 +512,7 @@ def _on_numbers(t: Tensor) -> bool:
     """Whether a call on ``t`` runs the CPU path directly (a plain eager CPU call, no other backend
     forced), which takes ``k`` and ``1 / τ`` as numbers: no per-slice tensors to build. The ops
     themselves (compile, ``torch.func``, the Triton kernels) take tensors."""
-    return t.device.type == "cpu" and _readable(t) and forced_backend() in (None, "cpu")
+    return _readable_cpu(t) and forced_backend() in (None, "cpu")
 
 
 class _SigmoidTopK(torch.autograd.Function):

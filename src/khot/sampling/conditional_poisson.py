@@ -282,9 +282,9 @@ def _bound(size: Tensor, n: int) -> int:
     the shapes give (under ``torch.compile``, ``vmap``, on meta tensors, and on accelerators,
     where reading the maximum would stall the stream and forbid graph capture): no host
     synchronisation, at the cost of an ``O(n^2)`` programme."""
-    from .._checks import _readable
+    from .._checks import _readable_cpu
 
-    if size.device.type == "cpu" and _readable(size):
+    if _readable_cpu(size):
         return int(size.max()) if size.numel() else 0
     return n
 
