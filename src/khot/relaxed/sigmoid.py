@@ -284,9 +284,7 @@ def _bounds(x: Tensor, k: float | Tensor, r: float | Tensor) -> tuple[Tensor, Te
 
 def _scale(t: Tensor, r: float | Tensor) -> float:
     """``max |t r|``: where it is above 12 the float32 tail of ``t`` matters, above ``2**14`` float64's resolution of ``c``."""
-    if isinstance(r, float):
-        return float(torch.linalg.vector_norm(t, math.inf)) * r
-    return float(torch.linalg.vector_norm(t * r, math.inf))
+    return float(t.abs().max()) * r if isinstance(r, float) else float((t * r).abs().max())
 
 
 def _order_bracket(x: Tensor, k: float | Tensor, r: float | Tensor) -> tuple[Tensor, Tensor]:
