@@ -261,3 +261,15 @@ def test_the_finite_scores_shortcut_gives_the_general_pair_weights(dtype):
         eps = torch.finfo(dtype).eps
         torch.testing.assert_close(short[0], general[0], atol=0, rtol=4 * eps)  # the weights
         torch.testing.assert_close(short[1], general[1], atol=4 * eps * float(s.abs().max()), rtol=4 * eps)  # a mix of the pair
+
+
+def test_mask_scores_far_below_keep_the_better_members_score():
+    # a pair of a score and a mask value (-1e9): the merged score is the score itself, exactly, on every
+    # path (a merge written lo + w (hi - lo) rounded it away in float32 and the top scores got weight 0)
+    s = torch.tensor([[0.31, 0.30, 0.29, 0.28, 0.27, 0.26, -1e9, -1e9]])
+    x = torch.eye(8).unsqueeze(0)
+    want = torch.tensor(reference(x[0].tolist(), s[0].tolist(), 2, 0.005))
+    torch.testing.assert_close(halving_select(x, s, 2), want.unsqueeze(0), atol=1e-5, rtol=0)
+    # differences that overflow take the general path: no inf - inf
+    big = torch.tensor([[3e38, -3e38, 3e38, -3e38]])
+    torch.testing.assert_close(halving_topk(big, 1), torch.tensor([[0.5, 0.0, 0.5, 0.0]]))

@@ -530,3 +530,20 @@ def test_any_batch_shape_through_the_bracketed_solver(shape):
     rows = x.reshape(-1, 40)
     check_accuracy(rows, 3.5, 1e-3)
     torch.testing.assert_close(p.reshape(-1, 40), threshold_reference(rows, 3.5, 1e-3), atol=1e-9, rtol=0)
+
+
+def test_temperature_tensor_under_func_grad_and_double_backward():
+    # torch.func.grad through a checked tensor τ (the check op's own register_autograd Function had no
+    # setup_context), and a double backward through grad_τ (an in-place centring of x hid a saved tensor)
+    x = gen("randn", (4, 30), seed=12).double()
+    tau = torch.tensor([0.3, 0.7, 1.0, 2.5], dtype=torch.float64)
+    w = torch.arange(30, dtype=torch.float64)
+
+    def loss(t):
+        return (sigmoid_topk(x, 3.0, temperature=t) ** 2 * w).sum()
+
+    tr = tau.clone().requires_grad_()
+    (want,) = torch.autograd.grad(loss(tr), tr)
+    torch.testing.assert_close(torch.func.grad(loss)(tau), want)
+    xr = x.clone().requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda a, t: sigmoid_topk(a, 3.0, temperature=t), (xr, tr))

@@ -65,22 +65,23 @@ def _check_range_now(t: torch.Tensor, name: str, low: float, high: float, open_l
 
 def _check_range_op_body(t: torch.Tensor, name: str, low: float, high: float, open_low: bool, what: str) -> torch.Tensor:
     _check_range_now(t, name, low, high, open_low, what)
-    return t.clone()
+    return t.new_zeros(())
 
 
-# The same check as one opaque op, for torch.compile and vmap: its body runs on the real values
-# at run time, so compiled and vmapped calls raise the same error as eager ones.
+# The same check as one opaque op, for torch.compile and vmap: its body runs on the real values at run
+# time, so compiled and vmapped calls raise the same error as eager ones. It returns a zero that the
+# caller adds to the checked tensor, which keeps the check in a compiled graph; it takes the tensor
+# detached, so it needs no autograd of its own (``torch.func.grad`` differentiates through the sum).
 _check_range_op = torch.library.custom_op("khot::check_range", _check_range_op_body, mutates_args=())
-_check_range_op.register_fake(lambda t, *args: torch.empty_like(t))
-torch.library.register_vmap(_check_range_op, lambda info, in_dims, t, *args: (_check_range_op(t, *args), in_dims[0]))
-_check_range_op.register_autograd(lambda ctx, grad: (grad, None, None, None, None, None))  # the identity
+_check_range_op.register_fake(lambda t, *args: t.new_empty(()))
+torch.library.register_vmap(_check_range_op, lambda info, in_dims, t, *args: (_check_range_op(t, *args), None))
 
 
 def check_range(t: torch.Tensor, name: str, low: float, high: float, *, open_low: bool = False, what: str = "") -> torch.Tensor:
     """Check that every value of ``t`` lies in ``[low, high]`` (``(low, high]`` when ``open_low``;
     ``high = inf`` excludes inf); NaN never passes. ``what`` words the rule in the error
-    ("{name} must {what}, got values from ... to ..."). Returns ``t`` (under ``torch.compile`` and
-    ``vmap``, a copy that went through the check, so the check stays in the graph).
+    ("{name} must {what}, got values from ... to ..."). Returns ``t`` (under ``torch.compile``,
+    ``torch.func`` and on meta tensors, ``t`` plus the check op's zero, so the check stays in the graph).
 
     The error is the same ``ValueError`` eager, compiled and vmapped on CPU tensors; on other
     devices it is raised by ``torch._assert_async`` with the same text (no synchronisation).
@@ -94,7 +95,7 @@ def check_range(t: torch.Tensor, name: str, low: float, high: float, *, open_low
     if _readable(t):
         _check_range_now(t, name, low, high, open_low, what)
         return t
-    return _check_range_op(t, name, float(low), float(high), open_low, what)
+    return t + _check_range_op(t.detach(), name, float(low), float(high), open_low, what)
 
 
 def _describe(value) -> str:

@@ -94,9 +94,8 @@ def _pair_weights(s_hi: Tensor, s_lo: Tensor, temperature, published: bool, all_
     caller knows every score is finite (the same result in a third of the ops).
     """
     if all_finite and not published:
-        gap = s_hi - s_lo
-        w_hi = torch.sigmoid(gap / temperature)
-        return w_hi, torch.addcmul(s_lo, w_hi, gap)
+        w_hi = torch.sigmoid((s_hi - s_lo) / temperature)
+        return w_hi, torch.lerp(s_lo, s_hi, w_hi)  # exactly s_hi at w = 1, however far s_lo lies (a mask value)
     finite = s_hi.isfinite() & s_lo.isfinite()
     hi, lo = torch.where(finite, s_hi, 0), torch.where(finite, s_lo, 0)
     u = (hi - lo) / temperature  # >= 0
@@ -114,6 +113,13 @@ def _pair_weights(s_hi: Tensor, s_lo: Tensor, temperature, published: bool, all_
     return w_hi, mixed
 
 
+def _spread(s: Tensor) -> Tensor:
+    """``max(s) - min(s)`` in ``s``'s dtype: not finite where a score is ±inf or NaN, or where a
+    pair's difference would overflow."""
+    low, high = torch.aminmax(s)
+    return high - low
+
+
 def _tournament(s: Tensor, k: int, temperature: float | Tensor, published: bool = False) -> tuple[Tensor, Tensor]:
     """Play the tournament on ``s (N, n)``.
 
@@ -126,9 +132,9 @@ def _tournament(s: Tensor, k: int, temperature: float | Tensor, published: bool 
     N, n = s.shape
     rounds = []
     m = n
-    # finite scores stay finite through the rounds: a plain CPU call reads that once, from a finite
-    # sum (one that overflows takes the general path), the other paths decide per pair (no sync)
-    all_finite = _readable_cpu(s) and math.isfinite(s.detach().sum())
+    # finite scores whose differences are finite stay so through the rounds (a merged score lies between
+    # its pair's): a plain CPU call reads that once, the other paths decide per pair (no sync)
+    all_finite = _readable_cpu(s) and bool(s.numel()) and math.isfinite(_spread(s.detach()))
     while m > k:
         p = m - max(k, (m + 1) // 2)  # merges this round
         q = m - 2 * p  # best candidates passing through

@@ -567,7 +567,7 @@ def _backward(p: Tensor, grad: Tensor, inv_tau: float | Tensor, x: Tensor | None
     grad_tau = None
     if x is not None:  # -Σ w (g - m) (x - x̄) / τ², centred first
         xc = torch.where(a > 0, x, 0).to(dtype)  # w = 0 where x = ±inf
-        xc = xc.sub_((torch.linalg.vecdot(a, xc) / safe).unsqueeze(-1))
+        xc = xc - (torch.linalg.vecdot(a, xc) / safe).unsqueeze(-1)  # out of place: vecdot keeps xc for a double backward
         residual = torch.linalg.vecdot(a, xc)  # Σ w (x - x̄) / τ, zero up to rounding
     a = torch.mul(a, g, out=out)
     m = a.sum(-1) / safe
