@@ -392,6 +392,20 @@ def test_cpu_search_without_sort_equals_the_bisection_reference(name, dtype, mon
     assert steps and all(bool(done.all()) for _, done in steps)
 
 
+def test_lapsum_cpu_search_where_every_exponential_underflows():
+    # scores thousands of τ apart, and -1e9 masks: from a point far from every score e^{-|u|} is 0 on
+    # both sides, the closed-form step is ±inf, and it was taken as converged (a mask of all zeros)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 40_000, generator=g) * torch.tensor([[1000.0], [100.0], [1.0]])
+    x[2, ::7] = -1e9
+    for k in (1, 37.5):
+        with khot.use_backend("portable"):
+            want = khot.soft_topk(x, k, method="lapsum")
+        got = khot.soft_topk(x, k, method="lapsum")
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        torch.testing.assert_close(got.double().sum(-1), torch.full((3,), float(k), dtype=torch.float64), atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("name", ["sparse", "lapsum", "soft", "simple"])
 def test_vmap_equals_the_batched_call(name):
     x = torch.randn(3, 4, 10, generator=torch.Generator().manual_seed(16))

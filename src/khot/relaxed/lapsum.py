@@ -143,7 +143,7 @@ def _measure(k: Tensor, rows: Tensor, below: tuple[Tensor, Tensor] | None = None
         crossing = torch.clamp(torch.exp(step) * (p + q), max=total)
         bound = crossing * (torch.cosh(step) - 1) * torch.exp(step + 1) / ((p + q) / 2)  # t within 1: S' >= e^{-d-1} (P + Q) / 2
         proposal = at + d
-        done = bound <= tol * proposal.abs().clamp(min=1)
+        done = (bound <= tol * proposal.abs().clamp(min=1)) & proposal.isfinite()  # e^{-|u|} can underflow to 0 on both sides: d = ±inf
         return proposal, p / 2 + a - q / 2 > k, done, state or {}
 
     return measure
