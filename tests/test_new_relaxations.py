@@ -420,3 +420,20 @@ class _nothing:
 
     def __exit__(self, *exc):
         return False
+
+
+@pytest.mark.parametrize("name", ["simple", "gumbel"])
+def test_temperature_gradient_with_masked_scores_and_items_taken_whole(name):
+    # -inf scores (and, for gumbel, an item a round takes whole) made the gradient in τ NaN: inf / τ
+    # and -inf / τ sat in the graph with a zero gradient, and 0 * inf = NaN
+    x = torch.tensor([[0.3, -math.inf, 2.0, 0.7], [0.0, 1.0, 30.0, 2.0]], dtype=torch.float64)
+    w = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+
+    def loss(tau):
+        kwargs = {"generator": torch.Generator().manual_seed(0)} if name == "gumbel" else {}
+        return (khot.soft_topk(x, 2, method=name, temperature=tau, **kwargs) * w).sum(-1)
+
+    tau = torch.tensor([1.0, 0.5], dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(loss(tau).sum(), tau)
+    assert torch.isfinite(grad).all()
+    assert torch.autograd.gradcheck(loss, (tau,))

@@ -76,10 +76,13 @@ def _margin(extreme: Tensor, margin: float) -> Tensor:
     return torch.clamp(extreme.abs() * 2.0**-10, min=margin)
 
 
-def clamp_infinite(z: Tensor, margin: float) -> Tensor:
-    """``z`` with ``+inf`` (``-inf``) replaced by ``margin`` above (below) the slice's largest (smallest)
-    finite value (0 for a slice without one), so that every later step stays finite."""
-    finite = torch.isfinite(z)
+def clamp_infinite(x: Tensor, tau: Tensor, margin: float) -> Tensor:
+    """``x / τ`` with ``+inf`` (``-inf``) replaced by ``margin`` above (below) the slice's largest (smallest)
+    finite value (0 for a slice without one), so that every later step stays finite. Only finite
+    entries are divided: an infinite one then carries no gradient in ``τ`` (``inf / τ`` would make it
+    ``0 * inf = NaN``), only its bound does."""
+    finite = torch.isfinite(x)
+    z = torch.where(finite, torch.where(finite, x, 0) / tau, x)
     hi = torch.where(finite, z, -math.inf).amax(-1, keepdim=True)
     lo = torch.where(finite, z, math.inf).amin(-1, keepdim=True)
     none = hi < lo

@@ -61,12 +61,12 @@ def gumbel_topk(
     _, tau = rows.tensors()
     z = rows.x.to(work_dtype(rows.x))
     gumbel = -torch.log(torch.empty_like(z).exponential_(generator=generator))
-    a = clamp_infinite((z + gumbel) / tau, _MARGIN)
+    a = clamp_infinite(z + gumbel, tau, _MARGIN)
     out = torch.zeros_like(a)
     for _ in range(rows.k):
         p = torch.softmax(a, -1)
         out = out + p
         left = p < 1  # an item taken whole leaves the race (log 0), without a NaN gradient
-        a = a + torch.where(left, torch.log1p(-torch.where(left, p, 0)), -torch.inf) / tau
+        a = a + torch.where(left, torch.log1p(-torch.where(left, p, 0)) / tau, -torch.inf)  # -inf not divided: no NaN gradient in τ
     out = torch.where(torch.isnan(z).any(-1, keepdim=True), torch.nan, out)
     return rows.restore(out.to(x.dtype))

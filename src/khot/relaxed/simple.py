@@ -50,5 +50,5 @@ def simple_topk(x: Tensor, k: int | Tensor, dim: int = -1, *, temperature: float
     """
     rows = Rows(x, k, dim, temperature, real_k=False)
     _, tau = rows.tensors()
-    logits = clamp_infinite(rows.x.to(work_dtype(rows.x)) / tau, _MARGIN)
+    logits = clamp_infinite(rows.x.to(work_dtype(rows.x)), tau, _MARGIN)
     return rows.restore(conditional_poisson_marginals(logits, rows.k).to(x.dtype))
