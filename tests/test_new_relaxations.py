@@ -437,3 +437,15 @@ def test_temperature_gradient_with_masked_scores_and_items_taken_whole(name):
     (grad,) = torch.autograd.grad(loss(tau).sum(), tau)
     assert torch.isfinite(grad).all()
     assert torch.autograd.gradcheck(loss, (tau,))
+
+
+@pytest.mark.parametrize("mask", [-1e16, torch.finfo(torch.float32).min])
+def test_simple_with_huge_finite_masks_and_offsets(mask):
+    # mask values of -1e16 gave probabilities above 1 (the programme's float64 sums lost the other
+    # logits' digits); k above the unmasked count forces the two masked items in, alike
+    x = torch.tensor([0.3, mask, 2.0, 0.7, 1.1, mask])
+    p = khot.soft_topk(x, 5, method="simple")
+    torch.testing.assert_close(p, torch.tensor([1.0, 0.5, 1.0, 1.0, 1.0, 0.5]), atol=1e-6, rtol=0)
+    # the design is shift-invariant: a 1e10 offset changes nothing
+    y = torch.randn(3, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(khot.soft_topk(y + 1e10, 4, method="simple"), khot.soft_topk(y, 4, method="simple"), atol=1e-5, rtol=0)

@@ -7,7 +7,9 @@ Ahmed, Zeng, Niepert & Van den Broeck, "SIMPLE: A Gradient Estimator for k-Subse
 ``khot.pips_sample(..., design="conditional_poisson")``). Computed by
 :func:`khot.sampling.conditional_poisson_marginals` (a log-space dynamic programme in float64,
 ``O(n k)``, differentiable by autograd). ``±inf`` scores are placed 1000 τ beyond the finite ones
-first, so masked items get 0 (and take part only when fewer than ``k`` others remain).
+first, so masked items get 0 (and take part only when fewer than ``k`` others remain); finite
+scores more than 10^4 τ below the largest are taken as 10^4 τ below it (their probability is 0
+in float64 either way, unless ``k`` exceeds the number of the others: then they share alike).
 
 Per-slice tensor ``k``: the programme needs a number of passes fixed before it runs. On eager
 CPU tensors it reads ``max(k)`` (free there); elsewhere (CUDA, ``torch.compile``, ``vmap``, meta
@@ -17,6 +19,9 @@ and runs to ``n`` passes instead: ``O(n^2)`` per slice. An int ``k`` costs ``O(n
 
 from __future__ import annotations
 
+import math
+
+import torch
 from torch import Tensor
 
 from khot.sampling import conditional_poisson_marginals
@@ -28,6 +33,7 @@ __all__ = ["DEFAULT_TEMPERATURE", "simple_topk"]
 #: Default ``τ`` (score units).
 DEFAULT_TEMPERATURE = 1.0
 _MARGIN = 1000.0
+_RANGE = 1e4  # finite scores further below the largest (in units of τ) have probability e^{-10^4} = 0 unless forced in
 
 
 def simple_topk(x: Tensor, k: int | Tensor, dim: int = -1, *, temperature: float | Tensor = DEFAULT_TEMPERATURE) -> Tensor:
@@ -50,5 +56,13 @@ def simple_topk(x: Tensor, k: int | Tensor, dim: int = -1, *, temperature: float
     """
     rows = Rows(x, k, dim, temperature, real_k=False)
     _, tau = rows.tensors()
-    logits = clamp_infinite(rows.x.to(work_dtype(rows.x)), tau, _MARGIN)
+    z = rows.x.to(work_dtype(rows.x))
+    # the design is shift-invariant: the largest finite score moves to 0, and finite scores over
+    # _RANGE τ below it are taken as _RANGE τ below (the programme's float64 sums lose a finite
+    # logit's digits past about 1e15: a -1e16 mask gave probabilities above 1)
+    finite = torch.isfinite(z)
+    top = torch.where(finite, z, -math.inf).amax(-1, keepdim=True).detach()
+    top = torch.where(top > -math.inf, top, 0)
+    z = torch.where(finite, torch.maximum(z - top, -_RANGE * tau), z)
+    logits = clamp_infinite(z, tau, _MARGIN)
     return rows.restore(conditional_poisson_marginals(logits, rows.k).to(x.dtype))
