@@ -68,3 +68,25 @@ def test_sampled_routing_frequencies():
     freq = torch.zeros(5).index_add_(0, out.indices.flatten(), torch.ones(out.indices.numel())) / 20_000
     pi = khot.sigmoid_topk(router.gate(x[:1]).detach().double(), 2)[0]
     assert ((freq.double() - pi).abs() <= 5 * (pi * (1 - pi) / 20_000).sqrt() + 1e-3).all(), (freq, pi)
+
+
+@pytest.mark.parametrize("differentiable", [False, "straight_through", "sample"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_sigmoid_router_with_underflowing_scores(differentiable, dtype):
+    # every sigmoid score of a token underflows (float16 logits below -17, float32 below -104): the
+    # renormalised weights and the balance loss divided 0 by 0; they are the log-space limit instead
+    torch.manual_seed(0)
+    r = TopKRouter(4, 4, 2, score="sigmoid", differentiable=differentiable).to(dtype).train()
+    r.gate.weight.data = torch.eye(4, dtype=dtype)
+    x = torch.tensor([[-300.0, -301.0, -302.0, -303.0], [0.5, 0.1, -0.2, 0.9]], dtype=dtype)
+    out = r(x)
+    assert torch.isfinite(out.weights).all() and torch.isfinite(out.aux_loss)
+    torch.testing.assert_close(out.weights.sum(-1), torch.ones(2, dtype=dtype))
+    if not differentiable:  # σ(l) ≈ e^l down there: the weights are a softmax of the two best logits
+        torch.testing.assert_close(out.weights[0].float(), torch.tensor([-300.0, -301.0]).softmax(-1), atol=1e-3, rtol=0)
+
+
+def test_router_ranks_experts_by_logits_not_rounded_scores():
+    r = TopKRouter(4, 4, 1, score="sigmoid").bfloat16().eval()
+    r.gate.weight.data = torch.eye(4, dtype=torch.bfloat16)
+    assert r(torch.tensor([[7.0, 8.0, 0.0, 0.0]], dtype=torch.bfloat16)).indices.tolist() == [[1]]  # both scores round to 1.0

@@ -245,9 +245,13 @@ def test_router(router_kernels, dtype):
     g = torch.Generator().manual_seed(5)
     logits = torch.randn(6, 24, generator=g).to(dtype)
     logits[0, :4] = 5.0  # tied best experts
-    for softmax, renormalize in [(True, True), (False, False)]:
+    logits[2] = logits[2] - 200  # every sigmoid score underflows: renormalised in log space, no 0 / 0
+    logits[3, :2] = torch.tensor([8.0, 7.0])  # both sigmoid scores round to 1.0 in bfloat16: ranked by the logits
+    for softmax, renormalize in [(True, True), (False, False), (False, True)]:
         (w, i, c), (w0, i0, c0) = _both(router_topk, logits, 3, softmax, renormalize)
+        assert torch.isfinite(w).all() and torch.isfinite(w0).all(), (softmax, renormalize)
         assert torch.equal(i, i0) and torch.equal(c, c0), (softmax, renormalize)
+        assert torch.equal(i[3, :2], torch.tensor([0, 1]))
         assert torch.equal(c, torch.bincount(i.flatten(), minlength=24))
         torch.testing.assert_close(w, w0, rtol=1e-6 if dtype == torch.float32 else 2e-2, atol=0)  # bf16: a few ulps (eager rounds twice)
     scores = logits[1:].double().softmax(-1)

@@ -35,23 +35,29 @@ def _router_kernel(
         s = e / tl.sum(e, 0)
     else:
         s = tl.sigmoid(zf)
-    s = s.to(z.dtype).to(tl.float32)  # rank what the eager path ranks: scores in the logits' dtype
-    bits = tl.where(s == 0, 0, s.to(tl.int32, bitcast=True))
+    s = s.to(z.dtype).to(tl.float32)  # the scores in the logits' dtype, as the eager path has them
+    # rank the logits (exact in float32), as the eager path does: the scores' order without their rounding's ties
+    bits = tl.where(zf == 0, 0, zf.to(tl.int32, bitcast=True))
     key = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    key = tl.where(s != s, 0x7FFFFFFF, key)
+    key = tl.where(zf != zf, 0x7FFFFFFF, key)
     key = tl.where(valid, key, -0x80000000)
     slots = tl.arange(0, KP)
     values = tl.zeros((KP,), dtype=tl.float32)
+    chosen_logits = tl.zeros((KP,), dtype=tl.float32)
     picks = tl.zeros((KP,), dtype=tl.int32)
     for j in tl.static_range(K):
         best = tl.max(key, 0)
         pick = tl.min(tl.where(key == best, cols, BLOCK), 0)  # the lowest expert among the best
         chosen = cols == pick
         values = tl.where(slots == j, tl.sum(tl.where(chosen, s, 0.0), 0), values)
+        chosen_logits = tl.where(slots == j, tl.sum(tl.where(chosen, zf, 0.0), 0), chosen_logits)
         picks = tl.where(slots == j, pick, picks)
         key = tl.where(chosen, -0x80000000, key)
-    if RENORMALIZE:
-        values = values / tl.sum(tl.where(slots < K, values, 0.0), 0)
+    if RENORMALIZE:  # a softmax of the chosen logits (of their log-sigmoids): no 0 / 0 where the scores underflow
+        log_scores = chosen_logits if SOFTMAX else tl.minimum(chosen_logits, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(chosen_logits)))
+        log_scores = tl.where(slots < K, log_scores, -float("inf"))
+        e = tl.exp(log_scores - tl.max(log_scores, 0))
+        values = e / tl.sum(e, 0)
     taken = slots < K
     tl.store(weights_ptr + row * K + slots, values.to(weights_ptr.dtype.element_ty), mask=taken)
     tl.store(indices_ptr + row * K + slots, picks.to(tl.int64), mask=taken)

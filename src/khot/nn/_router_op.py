@@ -1,7 +1,7 @@
 """The op ``khot::router_topk``: an MoE router's scores, top k, renormalised weights and expert counts.
 
-Its portable path is the eager sequence (softmax or sigmoid, :func:`khot.select_topk`, the
-renormalisation, a scatter-add of the counts); on CUDA tensors a fused Triton kernel
+Its portable path is the eager sequence (:func:`khot.select_topk` of the logits, the chosen
+scores renormalised in log space, a scatter-add of the counts); on CUDA tensors a fused Triton kernel
 (:mod:`khot._triton.router`) does all of it in one pass over the logits. The gradient flows to
 the logits through the weights (recomputed from the saved logits and indices).
 
@@ -18,24 +18,30 @@ Example:
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .._backend import custom_op
 from ..exact import select_topk
 
-__all__ = ["router_topk"]
+__all__ = ["router_topk", "weights_of"]
 
 
-def _scores(logits: Tensor, softmax: bool) -> Tensor:
-    return logits.softmax(-1) if softmax else logits.sigmoid()
+def weights_of(logits: Tensor, indices: Tensor, softmax: bool, renormalize: bool) -> Tensor:
+    """The scores (softmax or sigmoid of ``logits``) of the experts ``indices``; ``renormalize``: divided
+    by their sum, computed as a softmax of the chosen logits (of their log-sigmoids), which stays
+    finite where every sigmoid score underflows (float16 logits below -17: 0 / 0 otherwise)."""
+    if renormalize:
+        chosen = logits.gather(-1, indices)
+        return (chosen if softmax else F.logsigmoid(chosen)).softmax(-1)
+    return (logits.softmax(-1) if softmax else logits.sigmoid()).gather(-1, indices)
 
 
 def _portable(logits: Tensor, k: int, softmax: bool, renormalize: bool) -> tuple[Tensor, Tensor, Tensor]:
-    scores = _scores(logits, softmax)
-    weights, indices = select_topk(scores.unsqueeze(-1), scores, k)
-    weights = weights.squeeze(-1)
-    if renormalize:
-        weights = weights / weights.sum(-1, keepdim=True)
+    # the experts ranked by their logits: the scores' order, without the ties their rounding makes
+    # (two bfloat16 sigmoid scores of logits 7 and 8 are both 1.0)
+    indices = select_topk(logits.unsqueeze(-1), logits, k)[1]
+    weights = weights_of(logits, indices, softmax, renormalize)
     counts = torch.zeros(logits.shape[-1], dtype=torch.int64, device=logits.device)
     counts = counts.scatter_add(0, indices.flatten(), torch.ones_like(indices.flatten()))
     return weights, indices, counts
@@ -60,10 +66,7 @@ def _backward(ctx, grad_weights, _indices, _counts):
     logits, indices = ctx.saved_tensors
     with torch.enable_grad():
         z = logits.detach().requires_grad_()
-        weights = _scores(z, ctx.softmax).gather(-1, indices)
-        if ctx.renormalize:
-            weights = weights / weights.sum(-1, keepdim=True)
-        (grad,) = torch.autograd.grad(weights, z, grad_weights)
+        (grad,) = torch.autograd.grad(weights_of(z, indices, ctx.softmax, ctx.renormalize), z, grad_weights)
     return grad, None, None, None
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import check_choice, check_flag, check_positive, check_tensor
@@ -109,7 +110,7 @@ class TopKRouter(nn.Module):
         tokens = max(len(logits), 1)  # means over no tokens are 0, not NaN: an empty batch adds no loss
         ones = torch.ones(indices.numel(), dtype=logits.dtype, device=logits.device)
         load = logits.new_zeros(self.n_experts).index_add_(0, indices.flatten(), ones) / (tokens * self.k)
-        probs = scores if self.score == "softmax" else scores / scores.sum(-1, keepdim=True)
+        probs = scores if self.score == "softmax" else F.logsigmoid(logits).softmax(-1)  # scores / their sum, with no 0 / 0
         aux = self.n_experts * (load * probs.sum(0) / tokens).sum()
         z_loss = logits.logsumexp(-1).square().sum() / tokens
         return RouterOutput(indices, weights, logits, aux, load, z_loss)
@@ -121,13 +122,17 @@ class TopKRouter(nn.Module):
         if not (self.training and self.differentiable):  # the fused op (a Triton kernel on CUDA)
             weights, indices, _ = router_topk(logits, self.k, self.score == "softmax", self.renormalize)
             return scores, weights, indices
-        key, gates = scores.detach(), scores
+        key = logits.detach()  # ranks as the scores do, without the ties of their rounding
+        gates = scores
+        if self.renormalize and self.score == "sigmoid":  # the scores over the row's largest: renormalised alike, no 0 / 0
+            log_scores = F.logsigmoid(logits)
+            gates = (log_scores - log_scores.amax(-1, keepdim=True).detach()).exp()
         if self.training and self.differentiable == "straight_through":
             soft = sigmoid_topk(logits, self.k, temperature=self.temperature)
-            gates = scores * straight_through(topk_mask(key, self.k).to(soft.dtype), soft)
+            gates = gates * straight_through(topk_mask(key, self.k).to(soft.dtype), soft)
         elif self.training and self.differentiable == "sample":
             mask = sample_khot(logits, self.k, temperature=self.temperature)
-            key, gates = key.masked_fill(mask.detach() == 0, -torch.inf), scores * mask
+            key, gates = key.masked_fill(mask.detach() == 0, -torch.inf), gates * mask
         weights, indices = select_topk(gates.unsqueeze(-1), key, self.k)
         weights = weights.squeeze(-1)
         if self.renormalize:
