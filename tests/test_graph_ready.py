@@ -6,6 +6,7 @@ One table of calls drives all three, so a new public op is checked by adding one
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -145,6 +146,9 @@ BAD_CALLS = {  # invalid arguments: the error eager, the same compiled
     "dim out of range": lambda x: khot.keep_topk(x, 2, dim=5),
     "per-slice k above n": lambda x: khot.sigmoid_topk(x, torch.full((4,), 11.0)),
     "per-slice temperature 0": lambda x: khot.sigmoid_topk(x, 2, temperature=torch.zeros(4)),
+    # checks whose checked tensor nothing uses afterwards (a compiled graph dropped them)
+    "NaN logits": lambda x: khot.sampling.conditional_poisson_marginals(x.masked_fill(x > 1, math.nan), 2),
+    "too few finite logits": lambda x: khot.sampling.conditional_poisson_marginals(x.masked_fill(x < 5, -math.inf), 2),
 }
 
 

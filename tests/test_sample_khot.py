@@ -358,3 +358,23 @@ def test_vmap():
     assert out.shape == x.shape and (out.sum(-1) == 4).all()
     with pytest.raises(RuntimeError, match="khot::sampling_uniform .* under vmap"):
         torch.vmap(lambda x: sample_khot(x, 4))(x)
+
+
+@pytest.mark.parametrize("method", ["pips", "gumbel"])
+@pytest.mark.parametrize(
+    "x, k, match",
+    [
+        ([math.inf, math.inf, math.inf, 0.0], 1, "at least the number of \\+inf scores"),
+        ([-math.inf, -math.inf, -math.inf], 1, "at most the number of scores of x above -inf"),
+        ([0.0, math.nan, 1.0], 1, "x must not hold NaN"),
+    ],
+)
+def test_k_that_the_infinite_scores_make_infeasible_is_an_error(method, x, k, match):
+    # three +inf items and k = 1 drew three ones (pips); all -inf drew none (pips) or a -inf item
+    # (gumbel). Compiled too: a check whose result nothing used was dropped from the graph (the NaN one)
+    x = torch.tensor(x)
+    with pytest.raises(ValueError, match=match):
+        sample_khot(x, k, method=method, generator=torch.Generator().manual_seed(0))
+    torch._dynamo.reset()
+    with pytest.raises(ValueError, match=match):
+        torch.compile(lambda t: sample_khot(t, k, method=method), backend="aot_eager")(x)

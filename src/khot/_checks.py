@@ -14,7 +14,7 @@ import numbers
 import torch
 
 __all__ = [
-    "check_range",
+    "check_range", "checked",
     "check_tensor",
     "normalize_dim",
     "check_count",
@@ -81,7 +81,8 @@ def check_range(t: torch.Tensor, name: str, low: float, high: float, *, open_low
     """Check that every value of ``t`` lies in ``[low, high]`` (``(low, high]`` when ``open_low``;
     ``high = inf`` excludes inf); NaN never passes. ``what`` words the rule in the error
     ("{name} must {what}, got values from ... to ..."). Returns ``t`` (under ``torch.compile``,
-    ``torch.func`` and on meta tensors, ``t`` plus the check op's zero, so the check stays in the graph).
+    ``torch.func`` and on meta tensors, ``t`` plus the check op's zero, so the check stays in the graph
+    as long as the result is used: :func:`checked` for a ``t`` that is not).
 
     The error is the same ``ValueError`` eager, compiled and vmapped on CPU tensors; on other
     devices it is raised by ``torch._assert_async`` with the same text (no synchronisation).
@@ -91,11 +92,18 @@ def check_range(t: torch.Tensor, name: str, low: float, high: float, *, open_low
     ...
     ValueError: k must lie in [0, 8], got values from 3 to 9
     """
+    return checked(t, t, name, low, high, open_low=open_low, what=what)
+
+
+def checked(out: torch.Tensor, t: torch.Tensor, name: str, low: float, high: float, *, open_low: bool = False, what: str = "") -> torch.Tensor:
+    """``out`` once :func:`check_range`'s check of ``t`` has passed: eager, ``out`` itself; traced,
+    ``out`` plus the check op's zero, which keeps the check in a compiled graph where ``t`` itself is
+    not used further (an unused op is dropped). ``t`` is checked detached: ``out`` keeps its gradient."""
     what = what or f"lie in {'(' if open_low else '['}{low}, {high}{')' if high == math.inf else ']'}"
     if _readable(t):
         _check_range_now(t, name, low, high, open_low, what)
-        return t
-    return t + _check_range_op(t.detach(), name, float(low), float(high), open_low, what)
+        return out
+    return out + _check_range_op(t.detach(), name, float(low), float(high), open_low, what).to(out.dtype)
 
 
 def _describe(value) -> str:

@@ -129,7 +129,7 @@ import math
 import torch
 from torch import Tensor
 
-from .._checks import check_choice, check_range, check_tensor, normalize_dim
+from .._checks import check_choice, check_range, check_tensor, checked, normalize_dim
 from ..exact import topk_mask
 from ..relaxed.sigmoid import sigmoid_topk
 from .conditional_poisson import conditional_poisson_marginals
@@ -262,7 +262,9 @@ def sample_khot(
 
     Args:
         x: floating-point scores; ``±inf`` entries are items never / always drawn, NaN
-            is an error (``ValueError`` about ``x``, both methods).
+            is an error (``ValueError`` about ``x``, both methods), and so is a ``k`` below the
+            number of ``+inf`` entries or above the number of entries above ``-inf`` (``ValueError``
+            about ``k``).
         k: the sample size, ``0 <= k <= n``: a number or a per-slice tensor, as for
             :func:`khot.sigmoid_topk`. An integer ``k`` gives exactly ``k`` ones per slice;
             a real ``k`` gives ``ceil(k)`` ones with probability ``frac(k)`` (computed in
@@ -298,8 +300,13 @@ def sample_khot(
     d = normalize_dim(dim, x.dim())
     _check_generator(generator, x, "x")
     # π is NaN exactly on the slices of x holding NaN: say so about x (±inf entries are fine)
-    check_range(x.detach().masked_fill(x.detach().isinf(), 0), "x", -math.inf, math.inf, what="not hold NaN")
+    pi = checked(pi, x.detach().masked_fill(x.detach().isinf(), 0), "x", -math.inf, math.inf, what="not hold NaN")
     batch = pi.movedim(d, -1).shape[:-1]
+    # +inf items are always drawn and -inf items never: k must allow both (else "exactly k" breaks)
+    scores = x.detach().movedim(d, -1) if x.dim() else x.detach().reshape(1)
+    size = torch.broadcast_to(torch.as_tensor(k, dtype=torch.float64, device=x.device).detach(), batch)
+    pi = checked(pi, size - (scores == math.inf).sum(-1), "k", 0, math.inf, what="be at least the number of +inf scores of x (always drawn); k minus that count")
+    pi = checked(pi, (scores > -math.inf).sum(-1) - size, "k", 0, math.inf, what="be at most the number of scores of x above -inf (the items that can be drawn); that count minus k")
     if method == "gumbel":
         if isinstance(temperature, Tensor):  # per slice: put it back in place along dim
             temperature = torch.broadcast_to(temperature.detach(), batch).unsqueeze(d)

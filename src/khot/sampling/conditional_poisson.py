@@ -316,18 +316,18 @@ def conditional_poisson_marginals(logits: Tensor, k, dim: int = -1) -> Tensor:
     >>> float(p.sum())
     2.0
     """
-    from .._checks import check_count, check_range, check_tensor, normalize_dim
+    from .._checks import check_count, checked, check_tensor, normalize_dim
 
     check_tensor("logits", logits, floating=True)
     d = normalize_dim(dim, logits.dim())
     moved = logits.movedim(d, -1) if logits.dim() else logits.reshape(1)
     n = moved.shape[-1]
     size = check_count(k, n, moved.shape[:-1], logits.device)
-    check_range(moved.detach(), "logits", -math.inf, math.inf, what="be finite or -inf")
+    moved = checked(moved, moved, "logits", -math.inf, math.inf, what="be finite or -inf")
     theta = moved.reshape(-1, n).double()
     finite = theta > -math.inf
     sizes = size.reshape(-1) if isinstance(size, Tensor) else torch.full((theta.shape[0],), size, device=theta.device)
-    check_range(finite.sum(1) - sizes, "logits", 0, math.inf, what="have at least k finite entries per slice (finite count minus k)")
+    theta = checked(theta, finite.sum(1) - sizes, "logits", 0, math.inf, what="have at least k finite entries per slice (finite count minus k)")
     kmax = size if isinstance(size, int) else _bound(size, n)
     log_in, _ = log_inclusion(torch.where(finite, theta, _NEG), sizes, kmax)
     out = log_in.exp().to(logits.dtype).reshape(moved.shape)
