@@ -458,3 +458,19 @@ def test_soft_half_precision_output_passes_its_convergence_check():
     p = khot.soft_topk(x, 1, method="soft")
     assert p.dtype == torch.bfloat16
     torch.testing.assert_close(p.float().sum(-1), torch.ones(20), atol=torch.finfo(torch.bfloat16).eps * 8, rtol=0)
+
+
+@pytest.mark.parametrize("mask", [-1e9, torch.finfo(torch.float32).min])
+def test_sparse_with_huge_finite_masks(mask):
+    # the sorted search's float64 prefix sums cancelled next to a -1e9 mask value: masks of all ones
+    if mask == -1e9:  # k above the unmasked count: the threshold sits at the masks (float32's min: beyond float64's resolution there)
+        x = torch.tensor([0.3, mask, 2.0, 0.7, 1.1, mask])
+        torch.testing.assert_close(khot.soft_topk(x, 5, method="sparse"), torch.tensor([1.0, 0.5, 1.0, 1.0, 1.0, 0.5]))
+    g = torch.Generator().manual_seed(0)
+    for n, tau in ((64, 1.0), (16384, 0.01)):
+        y = torch.randn(3, n, generator=g)
+        masked = y.masked_fill(y > 0, mask)  # every positive score masked: the threshold sits among the rest
+        p = khot.soft_topk(masked, 1.5, method="sparse", temperature=tau)
+        want = khot.soft_topk(y.masked_fill(y > 0, -math.inf), 1.5, method="sparse", temperature=tau)
+        torch.testing.assert_close(p, want, atol=1e-5, rtol=0)
+        torch.testing.assert_close(p.double().sum(-1), torch.full((3,), 1.5, dtype=torch.float64), atol=1e-4, rtol=0)

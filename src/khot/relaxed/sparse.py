@@ -12,7 +12,12 @@ is continuous, piecewise linear and non-increasing, with breakpoints at every ``
 ``z_i - 1``, and on a sorted row its value at any breakpoint follows from prefix sums (float64)
 and one ``searchsorted``. A bisection over the breakpoint indices (``log2 n`` steps of a few
 gathers each) finds the linear piece that holds ``S(t) = k``, where
-``t = (Σ_free z - (k - #ones)) / #free`` in closed form. Cost: one sort, ``O(n log n)``. That is the
+``t = (Σ_free z - (k - #ones)) / #free`` in closed form. The sorted scores are first moved by the
+``⌈k⌉``-th largest and clamped to ``[-2, 1]`` (``t`` lies within 1 below it, so no ``p`` changes), so
+those sums never cancel (mask values such as -1e9). ``t`` itself is a float64: where the scores
+around it exceed about ``2**52`` in ``|x / τ|`` (``τ`` below 1e-16 of the scores, or ``k`` forcing
+masks at float32's minimum into the selection), it cannot be placed within the ramp's width of 1,
+and ``p`` there is rounded to 0 or 1. Cost: one sort, ``O(n log n)``. That is the
 portable path (fixed work, no host synchronisation). On CPU tensors, long rows skip the sort
 (:func:`khot.relaxed._threshold.long_rows`): for small ``k`` the scores above a sampled bound are
 found from column maxima and solved alone; otherwise safeguarded Newton steps over the whole row
@@ -56,7 +61,12 @@ def _threshold_portable(z: Tensor, k: Tensor) -> Tensor:
     n = z.shape[-1]
     s = z.sort(-1).values.contiguous()  # searchsorted needs a contiguous row
     lo, hi = finite_range_sorted(s, 1.0)  # ±inf -> 1 beyond the finite range: p = 1 or 0 when possible
-    s = s.clamp(lo, hi)
+    # a score counts only through clip(s - t, 0, 1), and t lies in [s_c - 1, s_c) for the c-th largest
+    # score s_c (c = ceil(k)): moved by s_c and clamped to [-2, 1], every score keeps its p and t its
+    # place, and the prefix sums below no longer cancel (a -1e9 mask took the other scores' digits)
+    c = k.ceil().clamp(1, n).long().unsqueeze(-1)
+    center = s.clamp(lo, hi).gather(-1, n - c)
+    s = (s.clamp(lo, hi) - center).clamp_(-2, 1)
     csum = s.cumsum(-1, dtype=torch.float64)
 
     def prefix(m: Tensor) -> Tensor:  # Σ_{i < m} s_i
@@ -84,7 +94,7 @@ def _threshold_portable(z: Tensor, k: Tensor) -> Tensor:
     t = (prefix(jv + 1) - prefix(ju + 1) + (n - 1 - jv) - k) / free.clamp(min=1)
     at_u = torch.where(ju >= 0, s.gather(-1, ju.clamp(min=0)).to(torch.float64), -torch.inf)
     corner = torch.maximum(at_u, s.gather(-1, jv.clamp(min=0)).to(torch.float64) - 1)  # jv = -1 only on NaN
-    t = torch.where(free > 0, t, corner) + s[..., -1:] * 0  # a NaN in the slice makes it NaN
+    t = torch.where(free > 0, t, corner) + s[..., -1:] * 0 + center.to(torch.float64)  # a NaN in the slice makes it NaN
     return torch.cat([t, lo.to(torch.float64), hi.to(torch.float64)], -1)
 
 
