@@ -214,3 +214,16 @@ def test_vmap_matches_the_batched_call(name):
         fn(ss, xs, 0.3).square().sum().backward()
         for got, want in zip(torch.vmap(grad)(x, s), (xs.grad, ss.grad)):
             torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("method", ["halving", "iterative", "counting"])
+def test_a_nan_score_makes_its_slice_nan(method):
+    # halving's sort ranked a NaN first and selected it ([0, 1, 0, 0] for k = 1); counting summed to 2
+    x = torch.tensor([[0.1, math.nan, 0.9, 0.5], [0.1, 0.2, 0.9, 0.5]], requires_grad=True)
+    p = khot.soft_topk(x, 1, method=method)
+    assert p[0].isnan().all() and not p[1].isnan().any()
+    rows = torch.eye(4).expand(2, 4, 4)
+    selected = khot.soft_select(rows, x, 1, method=method)
+    assert selected[0].isnan().all() and not selected[1].isnan().any()
+    (p[1].sum() + selected[1].sum()).backward()
+    assert torch.isfinite(x.grad).all()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 
 import torch
@@ -64,9 +65,11 @@ def _scalar_temperature(temperature):
 
 
 def _rowwise(fn: Callable[[Tensor], Tensor], scores: Tensor, dim: int) -> Tensor:
-    """Apply ``fn`` to ``scores`` as (rows, n) in the compute dtype; restore layout and dtype."""
+    """Apply ``fn`` to ``scores`` as (rows, n) in the compute dtype; restore layout and dtype. A NaN
+    score makes its slice NaN (a sort would rank it first and select it)."""
     s = scores.movedim(dim, -1)
-    out = fn(s.reshape(-1, s.shape[-1]).to(_compute_dtype(scores)))
+    rows = s.reshape(-1, s.shape[-1]).to(_compute_dtype(scores))
+    out = fn(rows).masked_fill(rows.isnan().any(-1, keepdim=True), math.nan)
     return out.reshape(s.shape).movedim(-1, dim).to(scores.dtype)
 
 
@@ -76,7 +79,8 @@ def _select_rows(fn: Callable[[Tensor, Tensor], Tensor], x: Tensor, scores: Tens
     n, d = x.shape[-2:]
     if d == 0:  # rows of width 0: nothing to combine
         return x.new_zeros(*x.shape[:-2], k, 0)
-    out = fn(x.reshape(-1, n, d).to(dtype), scores.reshape(-1, n).to(dtype))
+    s = scores.reshape(-1, n).to(dtype)
+    out = fn(x.reshape(-1, n, d).to(dtype), s).masked_fill(s.isnan().any(-1)[:, None, None], math.nan)  # as _rowwise
     return out.reshape(*x.shape[:-2], k, d).to(x.dtype)
 
 
