@@ -320,3 +320,19 @@ def test_torch_compile_fullgraph_matches_eager():
     ]:
         compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
         assert torch.equal(compiled(*args).nan_to_num(9), fn(*args).nan_to_num(9))
+
+
+def test_wide_unsigned_integers():
+    # uint64 with magnitude=True ranked by x.long().abs(), which overflows above 2**63; uint16/32/64
+    # reached ATen's max and topk, which do not take them (a raw NotImplementedError)
+    big = torch.tensor([2**63, 1, 5, 2**64 - 1], dtype=torch.uint64)
+    for magnitude in (False, True):
+        assert khot.topk_mask(big, 2, magnitude=magnitude).tolist() == [True, False, False, True]
+        with khot.use_backend("portable"):
+            assert khot.topk_mask(big, 2, magnitude=magnitude).tolist() == [True, False, False, True]
+    for dtype in (torch.uint16, torch.uint32):
+        assert khot.topk_mask(torch.tensor([3, 9, 1, 7], dtype=dtype), 2).tolist() == [False, True, False, True]
+        with pytest.raises(TypeError, match="convert it to torch.int64"):
+            khot.keep_topk(torch.tensor([3, 9, 1, 7], dtype=dtype), 2)
+        with pytest.raises(TypeError, match="scores has dtype"):
+            khot.select_topk(torch.eye(4), torch.tensor([3, 9, 1, 7], dtype=dtype), 2)

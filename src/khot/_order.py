@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["_ordered", "_magnitude", "ranking_key"]
+__all__ = ["_ordered", "_magnitude", "_rankable", "ranking_key"]
 
 _ORDER_INT = {
     torch.float64: torch.int64,
@@ -39,20 +39,34 @@ def _ordered(values: torch.Tensor, nan: bool = True) -> torch.Tensor:
     return bits
 
 
+def _rankable(x: torch.Tensor) -> torch.Tensor:
+    """``x``, or for the unsigned integers ATen's max and topk do not take (uint16, uint32, uint64) an
+    int64 tensor in the same order (uint64: its bits with the top bit flipped).
+
+    >>> _rankable(torch.tensor([2**63, 1, 2**64 - 1], dtype=torch.uint64)).argsort().tolist()
+    [1, 0, 2]
+    """
+    if x.dtype in (torch.uint16, torch.uint32):
+        return x.long()
+    if x.dtype == torch.uint64:
+        return x.view(torch.int64) ^ torch.iinfo(torch.int64).min
+    return x
+
+
 def _magnitude(x: torch.Tensor) -> torch.Tensor:
     """A tensor that ranks like ``|x|`` (NaN stays NaN).
 
     Floats: ``|x|``. Narrow signed integers: ``|x|`` widened to int64 first. int64: ``|x| - 2**63``,
     computed without overflow (``|-2**63| = 2**63`` does not fit in int64), so ``-2**63`` ranks
-    above every other value. Unsigned integers: ``x`` itself.
+    above every other value. Unsigned integers: ``x`` itself (as :func:`_rankable` ranks it).
 
     >>> _magnitude(torch.tensor([-2**63, 2**63 - 1, -5, 5, 0])).tolist()
     [0, -1, -9223372036854775803, -9223372036854775803, -9223372036854775808]
     """
     if x.is_floating_point():
         return x.abs()
-    if x.dtype == torch.uint8:
-        return x
+    if x.dtype in (torch.uint8, torch.uint16, torch.uint32, torch.uint64):
+        return _rankable(x)
     if x.dtype != torch.int64:
         return x.long().abs()
     low = torch.iinfo(torch.int64).min
@@ -70,7 +84,7 @@ def ranking_key(x: torch.Tensor, largest: bool = True, magnitude: bool = False) 
     >>> ranking_key(torch.tensor([2.0, float("nan"), -3.0]), largest=False).argsort(descending=True).tolist()
     [2, 0, 1]
     """
-    key = _magnitude(x) if magnitude else x
+    key = _magnitude(x) if magnitude else _rankable(x)
     if key.is_floating_point():
         key = _ordered(key)
     return key if largest else torch.bitwise_not(key)

@@ -97,6 +97,13 @@ def _direct(*tensors: Tensor | None) -> bool:
     return forced_backend() in (None, "cpu")  # read only outside torch.compile, which cannot trace it
 
 
+def _check_gatherable(name: str, t: torch.Tensor) -> None:
+    """uint16, uint32 and uint64 lack most of PyTorch's CPU kernels (comparisons, gather, scatter):
+    :func:`topk_mask` ranks them, the ops that return their values do not."""
+    if t.dtype in (torch.uint16, torch.uint32, torch.uint64):
+        raise TypeError(f"{name} has dtype {t.dtype}, which PyTorch's CPU kernels do not compare or gather; convert it to torch.int64 (topk_mask takes it)")
+
+
 def _prepare(x, k, dim, largest, magnitude):
     check_tensor("x", x)
     check_flag("largest", largest)
@@ -157,6 +164,7 @@ def keep_topk(x: torch.Tensor, k, dim: int = -1, *, largest: bool = True, magnit
     """
     shape = x.shape if isinstance(x, torch.Tensor) else None
     x, (k, ks), dim = _prepare(x, k, dim, largest, magnitude)
+    _check_gatherable("x", x)
     if _direct(x, ks):
         out = _cpu.keep_topk(x, k, ks, dim, largest, magnitude)  # autograd through its gather and scatter
     elif x.requires_grad:  # autograd through where: one selection, no second one in the backward
@@ -194,6 +202,7 @@ def select_topk(x: torch.Tensor, scores: torch.Tensor, k: int, *, sorted: bool =
     check_tensor("x", x)
     check_rows(x, scores)
     check_flag("sorted", sorted)
+    _check_gatherable("scores", scores)
     if isinstance(k, torch.Tensor):
         raise TypeError(f"k must be an int for select_topk (every slice keeps k rows), got a tensor of shape {tuple(k.shape)}")
     if isinstance(k, bool) or not isinstance(k, numbers.Integral):

@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from .._order import _magnitude, _ordered
+from .._order import _magnitude, _ordered, _rankable
 from ._portable import best_first, positions
 
 __all__ = ["topk_mask", "keep_topk", "select_topk"]
@@ -377,7 +377,7 @@ def _mask(x, k, dim: int, largest: bool, magnitude: bool, keep_values: bool):
     ``k`` an int or an int64 tensor of per-slice counts."""
     if x.numel() == 0 or (isinstance(k, int) and k == x.shape[dim]):
         return x.clone() if keep_values else torch.ones(x.shape, dtype=torch.bool, device=x.device)
-    key = _magnitude(x) if magnitude else x
+    key = _magnitude(x) if magnitude else _rankable(x)
     return _write(_Selection(key, k, dim, largest), x, dim, keep_values)
 
 
