@@ -87,5 +87,7 @@ def test_bad_arguments():
         topk_loss(logits, torch.tensor([0, 1]), 2, reduction="avg")
     with pytest.raises(ValueError, match="targets must be 0 or 1"):
         khot_loss(logits, torch.full((2, 5), 2.0))
+    with pytest.raises(ValueError, match="targets must be 0 or 1, not a fraction"):  # soft labels were taken
+        khot_loss(logits, torch.tensor([[0.5, 0.5, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0, 0.0]]))
     with pytest.raises(ValueError, match="method='sorting' is not valid"):
         khot_loss(logits, torch.zeros(2, 5), method="sorting")

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import check_choice, check_range, check_tensor
+from ._checks import check_choice, check_range, check_tensor, checked
 from .relaxed import registry, soft_topk
 
 __all__ = ["topk_loss", "khot_loss"]
@@ -113,6 +113,7 @@ def khot_loss(
     if targets.device != logits.device:
         raise ValueError(f"targets are on {targets.device} but logits are on {logits.device}")
     targets = check_range(targets.to(logits.dtype if logits.dtype == torch.float64 else torch.float32), "targets", 0, 1, what="be 0 or 1")
+    targets = checked(targets, targets * (1 - targets), "targets", 0, 0, what="be 0 or 1, not a fraction (t (1 - t) is 0 only there)")
     counts = targets.sum(-1).round()
     k = counts if registry.get(method).real_k else counts.long()  # the method's record says which k it takes
     p = soft_topk(logits, k, -1, method=method, temperature=temperature, **method_options)
