@@ -63,3 +63,11 @@ def test_meta_tensors_and_compile_without_graph_breaks():
     a, b = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
     assert torch._dynamo.explain(nccs)(a, b).graph_break_count == 0
     torch.testing.assert_close(torch.compile(nccs, fullgraph=True, backend="eager")(a, b), nccs(a, b))
+
+
+def test_nccs_is_scale_invariant():
+    # F.normalize alone: 1e30-sized rows overflowed the norm (nCCS 0), 1e-30-sized ones fell under its eps
+    a = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(0))
+    for scale in (1e30, 1e-30, 1.0):
+        torch.testing.assert_close(nccs(a * scale, a * scale), torch.ones(3))
+        torch.testing.assert_close(nccs(a.flip(-2) * scale, a), torch.ones(3))

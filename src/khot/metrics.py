@@ -45,6 +45,13 @@ def nccs(selected: Tensor, target: Tensor) -> Tensor:
     if selected.device != target.device:
         raise ValueError(f"selected is on {selected.device} but target is on {target.device}")
     dtype = torch.promote_types(torch.promote_types(selected.dtype, target.dtype), torch.float32)
-    a = F.normalize(selected.to(dtype), dim=-1)
-    b = F.normalize(target.to(dtype), dim=-1)
+    a, b = _unit(selected.to(dtype)), _unit(target.to(dtype))
     return (b @ a.transpose(-1, -2)).amax(dim=-1).mean(dim=-1)
+
+
+def _unit(v: Tensor) -> Tensor:
+    """The rows of ``v`` scaled to norm 1 (zero rows stay 0). Scaled by their largest entry first: a
+    norm of 1e30-sized entries overflows float32, and one below normalize's eps (1e-12) was not
+    normalised."""
+    scale = v.abs().amax(-1, keepdim=True)
+    return F.normalize(v / torch.where(scale > 0, scale, 1), dim=-1)
