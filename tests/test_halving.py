@@ -273,3 +273,11 @@ def test_mask_scores_far_below_keep_the_better_members_score():
     # differences that overflow take the general path: no inf - inf
     big = torch.tensor([[3e38, -3e38, 3e38, -3e38]])
     torch.testing.assert_close(halving_topk(big, 1), torch.tensor([[0.5, 0.0, 0.5, 0.0]]))
+
+
+@pytest.mark.parametrize("mask", [-1e9, torch.finfo(torch.float32).min])
+def test_published_weights_beside_a_mask_value(mask):
+    # log(b**hi - b**lo) was lo / τ + (hi - lo) / τ: cancellation beside -1e9 ([0.197, 0.072, 0.731]
+    # for k = 1), -inf + inf = NaN beside float32's min
+    p = halving_topk(torch.tensor([0.3, mask, 0.9]), 1, temperature=0.1, published_weights=True)
+    torch.testing.assert_close(p, torch.tensor([0.0, 0.0, 1.0]), atol=1e-6, rtol=0)

@@ -103,8 +103,10 @@ def _pair_weights(s_hi: Tensor, s_lo: Tensor, temperature, published: bool, all_
         a = lo / temperature
         small = (a <= 40) & (u <= 40)
         direct = torch.exp(torch.where(small, a, 0)) * torch.expm1(torch.where(small, u, 0))
-        u_pos = torch.where(small | (u <= 0), 1, u)  # log(expm1(u)) = u + log(-expm1(-u)), stable for u > 40
-        log_gap = torch.where(small, 0, a) + u_pos + torch.log(-torch.expm1(-u_pos))
+        u_pos = torch.where(small | (u <= 0), 1, u)
+        # log(b**hi - b**lo) = hi / τ + log(-expm1(-u)), stable for u > 40; hi / τ directly, not a + u
+        # (a mask at -1e9 beside a score cancelled there, and float32's min made it -inf + inf)
+        log_gap = torch.where(small | (u <= 0), 0, hi / temperature) + torch.log(-torch.expm1(-u_pos))
         far = torch.where(u > 0, torch.exp(log_gap.clamp(max=50)), 0)  # sigmoid(e**50) is 1 in float64
         u = torch.where(small, direct, far)
     tie = torch.where(s_hi == s_lo, 0.5, 1.0).to(s_hi.dtype)
