@@ -46,7 +46,9 @@ def gumbel_topk(
         generator: the ``torch.Generator`` of the Gumbel noise (the global RNG when ``None``).
 
     Returns a tensor shaped like ``x`` with values in ``[0, k]`` summing to ``k``. ``-inf`` scores
-    (masked items) get 0 while ``k`` others remain, ``+inf`` ones are taken first; NaN slices are NaN.
+    (masked items) get 0, as in exact arithmetic (a round never moves mass onto ``-inf``: with ``k``
+    above the number of finite scores, the last rounds share among the finite ones again, values
+    above 1), ``+inf`` ones are taken first; NaN slices are NaN.
 
     Example:
         >>> import torch, khot
