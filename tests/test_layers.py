@@ -239,3 +239,12 @@ def test_feature_selector_bad_args():
         FeatureSelector(10, 2, temperature=-1)
     with pytest.raises(ValueError, match=r"x must have shape \(..., n_features\) = \(..., 10\), got \(4, 3\)"):
         FeatureSelector(10, 2)(torch.randn(4, 3))
+
+
+def test_empty_inputs():
+    # raw reshape / amin errors before: -1 cannot be inferred in reshape(-1, 0), amin of nothing
+    assert khot.nn.BatchTopK(2).train()(torch.empty(0, 8)).shape == (0, 8)
+    assert khot.sampling.conditional_poisson_marginals(torch.randn(3, 0), 0).shape == (3, 0)
+    for layer in (khot.nn.BatchTopK(2), khot.nn.TopKActivation(1)):
+        with pytest.raises(ValueError, match="k=.* is out of range"):
+            layer(torch.empty(3, 0))

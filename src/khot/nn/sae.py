@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -16,7 +18,7 @@ def _rows(x: Tensor) -> Tensor:
     check_tensor("x", x, floating=True)
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension (..., n), got a 0-d tensor")
-    return x.reshape(-1, x.shape[-1])
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # -1 cannot be inferred when n = 0
 
 
 class TopKActivation(nn.Module):
@@ -123,7 +125,8 @@ class BatchTopK(nn.Module):
         out = torch.where(kept, flat, 0)
         if self.training:
             with torch.no_grad():
-                minimum = flat.masked_fill(~(kept & (flat > 0)) if self.relu else ~kept, torch.inf).amin()
+                candidates = flat.masked_fill(~(kept & (flat > 0)) if self.relu else ~kept, torch.inf)
+                minimum = torch.cat([candidates, candidates.new_full((1,), torch.inf)]).amin()  # inf for no tokens: unchanged
                 minimum = minimum.to(self.threshold.dtype)
                 new = torch.where(self.threshold.isnan(), minimum, self.threshold.lerp(minimum, self.momentum))
                 self.threshold.copy_(torch.where(minimum.isfinite(), new, self.threshold))

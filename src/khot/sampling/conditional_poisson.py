@@ -324,7 +324,7 @@ def conditional_poisson_marginals(logits: Tensor, k, dim: int = -1) -> Tensor:
     n = moved.shape[-1]
     size = check_count(k, n, moved.shape[:-1], logits.device)
     moved = checked(moved, moved, "logits", -math.inf, math.inf, what="be finite or -inf")
-    theta = moved.reshape(-1, n).double()
+    theta = moved.reshape(math.prod(moved.shape[:-1]), n).double()  # -1 cannot be inferred when n = 0
     finite = theta > -math.inf
     sizes = size.reshape(-1) if isinstance(size, Tensor) else torch.full((theta.shape[0],), size, device=theta.device)
     theta = checked(theta, finite.sum(1) - sizes, "logits", 0, math.inf, what="have at least k finite entries per slice (finite count minus k)")
