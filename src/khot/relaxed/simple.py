@@ -11,6 +11,10 @@ first, so masked items get 0 (and take part only when fewer than ``k`` others re
 scores more than 10^4 τ below the largest are taken as 10^4 τ below it (their probability is 0
 in float64 either way, unless ``k`` exceeds the number of the others: then they share alike).
 
+Second derivatives are not available: the programme's ``torch.logcumsumexp`` has a first
+derivative but its double backward returns NaN (torch 2.13), so Hessian-vector products and
+``create_graph`` gradients of this method are NaN. First derivatives are exact.
+
 Per-slice tensor ``k``: the programme needs a number of passes fixed before it runs. On eager
 CPU tensors it reads ``max(k)`` (free there); elsewhere (CUDA, ``torch.compile``, ``vmap``, meta
 tensors) it never reads ``k`` on the host, so it makes no synchronisation and compiles whole,
