@@ -110,3 +110,11 @@ def test_compiles_without_graph_breaks_and_matches_eager():
     torch.testing.assert_close(compiled, eager)
     grad = torch.autograd.grad(compiled[0].sum(), x)[0]
     torch.testing.assert_close(grad, torch.autograd.grad(eager[0].sum(), x)[0])
+
+
+def test_no_tokens():
+    # an IndexError from attn[:, :, 0] before
+    with pytest.raises(ValueError, match="x has no tokens"):
+        TokenPruning(0.5)(torch.randn(2, 0, 8), torch.ones(2, 1, 0, 0))
+    tokens, indices = TokenPruning(0.5, keep_cls=False)(torch.randn(2, 0, 8), scores=torch.ones(2, 0))
+    assert tokens.shape == (2, 0, 8) and indices.shape == (2, 0)

@@ -83,6 +83,8 @@ class TokenPruning(nn.Module):
         first = 1 if self.keep_cls else 0
         if (attn is None) == (scores is None):
             raise ValueError("pass exactly one of attn and scores")
+        if x.shape[1] == 0 and (self.keep_cls or attn is not None):
+            raise ValueError("x has no tokens: keep_cls and attention scores need token 0 (the [CLS] token)")
         if attn is not None:
             check_tensor("attn", attn, floating=True)
             b, n = x.shape[:2]
