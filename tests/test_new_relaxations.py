@@ -474,3 +474,12 @@ def test_sparse_with_huge_finite_masks(mask):
         want = khot.soft_topk(y.masked_fill(y > 0, -math.inf), 1.5, method="sparse", temperature=tau)
         torch.testing.assert_close(p, want, atol=1e-5, rtol=0)
         torch.testing.assert_close(p.double().sum(-1), torch.full((3,), 1.5, dtype=torch.float64), atol=1e-4, rtol=0)
+
+
+def test_gumbel_noise_follows_the_logical_order_and_simple_names_x():
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(4))
+    def draw(t):
+        return khot.soft_topk(t, 2, method="gumbel", dim=0, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(draw(x.t()), draw(x.t().contiguous()))  # a transposed input got other noise
+    with pytest.raises(ValueError, match="x must not hold NaN"):  # the error named the internal "logits"
+        khot.soft_topk(torch.tensor([0.1, math.nan, 0.3]), 1, method="simple")

@@ -62,7 +62,8 @@ def gumbel_topk(
     rows = Rows(x, k, dim, temperature, real_k=False, per_row=False)
     _, tau = rows.tensors()
     z = rows.x.to(work_dtype(rows.x))
-    gumbel = -torch.log(torch.empty_like(z).exponential_(generator=generator))
+    # noise in the logical order of z (empty_like would follow its memory layout: a transposed input got other noise)
+    gumbel = -torch.log(torch.empty(z.shape, dtype=z.dtype, device=z.device).exponential_(generator=generator))
     a = clamp_infinite(z + gumbel, tau, _MARGIN)
     out = torch.zeros_like(a)
     for _ in range(rows.k):

@@ -28,6 +28,7 @@ import math
 import torch
 from torch import Tensor
 
+from khot._checks import checked
 from khot.sampling import conditional_poisson_marginals
 
 from ._threshold import Rows, clamp_infinite, work_dtype
@@ -60,7 +61,7 @@ def simple_topk(x: Tensor, k: int | Tensor, dim: int = -1, *, temperature: float
     """
     rows = Rows(x, k, dim, temperature, real_k=False)
     _, tau = rows.tensors()
-    z = rows.x.to(work_dtype(rows.x))
+    z = checked(rows.x.to(work_dtype(rows.x)), rows.x.detach().masked_fill(rows.x.detach().isinf(), 0), "x", -math.inf, math.inf, what="not hold NaN (this method has no NaN slices)")
     # the design is shift-invariant: the largest finite score moves to 0, and finite scores over
     # _RANGE τ below it are taken as _RANGE τ below (the programme's float64 sums lose a finite
     # logit's digits past about 1e15: a -1e16 mask gave probabilities above 1)
