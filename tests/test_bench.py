@@ -99,6 +99,11 @@ def test_bad_method_lists_the_valid_ones(capsys):
     assert all(name in err for name in ("sigmoid", "halving", "iterative", "counting"))
 
 
+def test_too_many_threads_is_a_one_line_error(capsys):
+    # passed straight to torch.set_num_threads: 100000 made OpenMP segfault
+    assert "expected at most" in _error(capsys, "--threads", "100000")
+
+
 def test_no_command_is_an_error(capsys):
     with pytest.raises(SystemExit):
         main([])

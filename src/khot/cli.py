@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import shlex
 import sys
@@ -72,6 +73,13 @@ def _count(text: str) -> int:
     return values[0]
 
 
+def _threads(text: str) -> int:
+    count, most = _count(text), 4 * (os.cpu_count() or 1)
+    if count > most:  # torch.set_num_threads takes any count: OpenMP fails to start the threads, or crashes
+        raise argparse.ArgumentTypeError(f"expected at most {most} threads (4 per CPU here), got {count}")
+    return count
+
+
 def _names(text: str) -> list[str]:
     names = [part.strip() for part in text.split(",") if part.strip()]
     if not names:
@@ -126,7 +134,7 @@ def _bench_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_seed, default=0, help="seed of every input and sample (default 0)")
     p.add_argument("--budget", type=_positive, help="seconds one call may take (default 2, 30 with --full)")
     p.add_argument("--memory", type=_positive, help="GiB a method's estimate may need (default 2, 16 with --full)")
-    p.add_argument("--threads", type=_count, help="CPU threads for torch (default: torch's; 1 avoids OpenMP stalls on busy machines)")
+    p.add_argument("--threads", type=_threads, help="CPU threads for torch (default: torch's; 1 avoids OpenMP stalls on busy machines)")
     p.add_argument("--no-progress", action="store_true", help="plain lines instead of a progress bar")
     return p
 

@@ -393,7 +393,7 @@ def threshold_function(name: str, solve: Callable, weights: Callable[[Tensor], T
             one = None  # τ that rounds to 0, or r far from 1: r w g could underflow (m loses bits) or overflow
         r = 1.0 if one is None else slope / (scale * one)
         wg = w * grad if one is None else torch.addcmul(w.new_zeros(()), w, grad, value=r)  # r w g
-        out = None if again else wg  # in place from here unless differentiated again
+        out = None if again or not wg.is_contiguous() else wg  # in place from here unless differentiated again (compile takes no strided out=)
         m = wg.sum(-1, keepdim=True) / torch.where(s > 0, s, 1)
         gz = torch.addcmul(wg, w, m, value=-1, out=out)  # r scale w (g - m / r)
         grad_k = (m.squeeze(-1) / r).to(torch.float64) if ctx.needs_input_grad[1] else None
