@@ -370,6 +370,18 @@ def _check_errors(rank: int, world: int) -> None:
     _raises_everywhere(ValueError, "disagree on the dtype", lambda: kd.sharded_sample(x.double() if last else x, k=2))
     _raises_everywhere(ValueError, "top_p needs k", lambda: kd.sharded_sample(x, top_p=0.9))
     _raises_everywhere(ValueError, "NaN", lambda: kd.sharded_sample(torch.full((2, 5), math.nan) if last else x, k=3))
+    # NumPy numbers, fractions, tensors: agreed as the numbers they are (the metadata all-gather could
+    # not serialise a NumPy float: a raw TypeError on that rank while the others waited in the collective)
+    import fractions
+
+    import numpy
+
+    want = kd.sharded_sigmoid_topk(x, 2.0, temperature=1.0)
+    torch.testing.assert_close(kd.sharded_sigmoid_topk(x, numpy.float32(2.0) if last else 2.0, temperature=numpy.float32(1.0)), want)
+    torch.testing.assert_close(kd.sharded_sigmoid_topk(x, fractions.Fraction(2), temperature=1), want)
+    draw = kd.sharded_sample(x, k=2, temperature=0.5, generator=torch.Generator().manual_seed(1))
+    for k, tau in ((numpy.int64(2), numpy.float32(0.5)), (2, torch.tensor(0.5))):
+        assert torch.equal(kd.sharded_sample(x, k=k, temperature=tau, generator=torch.Generator().manual_seed(1)), draw)
     # the group still works after every error
     values, _ = kd.sharded_topk(torch.full((2, 5), float(rank)), 1)
     assert values.eq(world - 1).all()

@@ -145,8 +145,17 @@ def _digest(t: Tensor) -> str:
 
 
 def _agreed(value):
-    """How an argument that every rank must pass alike is compared across ranks."""
-    return _digest(value) if isinstance(value, Tensor) else value
+    """How an argument that every rank must pass alike is compared across ranks: JSON data (a tensor
+    by its digest, a number of any type as a Python int or float, anything else by its repr)."""
+    if isinstance(value, Tensor):
+        return _digest(value)
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return repr(value)
 
 
 def _shard(name: str, x, dim, group, check) -> _Shard:
@@ -164,7 +173,7 @@ def _shard(name: str, x, dim, group, check) -> _Shard:
     try:
         check_tensor("x", x)
         d = normalize_dim(dim, x.dim())
-        same = check(x, d)
+        same = {arg: _agreed(value) for arg, value in check(x, d).items()}  # JSON data: a NumPy number would not serialise
         shape = tuple(x.shape[:d]) + (None,) + tuple(x.shape[d + 1 :])
         meta = (shape, d, x.shape[d] if x.dim() else 1, str(x.dtype), x.device.type, same)
     except Exception as e:  # noqa: BLE001 (raised below, on every rank)
@@ -191,10 +200,10 @@ _META_BYTES = 2048  # room for one rank's metadata (shapes, arguments, an error 
 
 def _all_gather_json(value, group) -> list:
     """Every rank's ``value`` (JSON data), in one all-gather of a fixed-size byte buffer."""
-    text = json.dumps(value)
+    text = json.dumps(value, default=repr)  # never raise here: the other ranks would wait in the collective
     if len(text.encode()) > _META_BYTES:  # only a long error message can be this long: cut it
         error, meta = value
-        text = json.dumps(((error[0], error[1][: _META_BYTES // 8] + " ..."), meta))
+        text = json.dumps(((error[0], error[1][: _META_BYTES // 8] + " ..."), meta), default=repr)
     data = text.encode()
     nccl = dist.get_backend(group) == "nccl"
     device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
@@ -541,7 +550,7 @@ def sharded_sigmoid_topk(x: Tensor, k, dim: int = -1, *, temperature, group=None
         _check_per_row("k", k, batch, local.device)
         check_positive("temperature", temperature)
         _check_per_row("temperature", temperature, batch, local.device)
-        return {"k": _agreed(k), "temperature": _agreed(temperature)}
+        return {"k": k, "temperature": temperature}
 
     shard = _shard("sharded_sigmoid_topk", x, dim, group, check)
     batch = shard.local.shape[:-1]
