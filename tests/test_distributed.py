@@ -382,6 +382,10 @@ def _check_errors(rank: int, world: int) -> None:
     draw = kd.sharded_sample(x, k=2, temperature=0.5, generator=torch.Generator().manual_seed(1))
     for k, tau in ((numpy.int64(2), numpy.float32(0.5)), (2, torch.tensor(0.5))):
         assert torch.equal(kd.sharded_sample(x, k=k, temperature=tau, generator=torch.Generator().manual_seed(1)), draw)
+    # an empty batch (a raw "view Long as Byte" error before)
+    values, indices = kd.sharded_topk(torch.randn(0, 3), 1)
+    assert values.shape == indices.shape == (0, 1) and kd.sharded_topk_mask(torch.randn(0, 3), 1).shape == (0, 3)
+    assert kd.sharded_sample(torch.randn(0, 3), k=1).shape == (0,)
     # the group still works after every error
     values, _ = kd.sharded_topk(torch.full((2, 5), float(rank)), 1)
     assert values.eq(world - 1).all()

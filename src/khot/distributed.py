@@ -244,6 +244,8 @@ def _all_gather_rows(buffer: Tensor, shard: _Shard) -> Tensor:
 
 def _as_bytes(t: Tensor) -> Tensor:
     """A ``(rows, m)`` tensor as ``(rows, m * itemsize)`` bytes."""
+    if t.numel() == 0:  # an empty tensor's strides need not allow the view
+        return torch.empty((*t.shape[:-1], t.shape[-1] * t.element_size()), dtype=torch.uint8, device=t.device)
     return t.contiguous().view(torch.uint8)
 
 
