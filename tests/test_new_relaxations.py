@@ -483,3 +483,18 @@ def test_gumbel_noise_follows_the_logical_order_and_simple_names_x():
     torch.testing.assert_close(draw(x.t()), draw(x.t().contiguous()))  # a transposed input got other noise
     with pytest.raises(ValueError, match="x must not hold NaN"):  # the error named the internal "logits"
         khot.soft_topk(torch.tensor([0.1, math.nan, 0.3]), 1, method="simple")
+
+
+def test_simple_at_small_temperatures_keeps_far_apart_scores_apart():
+    # centring on the largest score and clamping 10^4 τ below it made ordinary scores tie once k
+    # forced the selection past the top one ([1, 0.5, 0.5] here): the centre is the k-th largest
+    p = khot.soft_topk(torch.tensor([10.0, 0.0, -0.5], dtype=torch.float64), 2, method="simple", temperature=1e-3)
+    torch.testing.assert_close(p, torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64), atol=1e-12, rtol=0)
+    p = khot.soft_topk(torch.tensor([3.0, 0.0, -0.5, -0.6]), 2, method="simple", temperature=2e-4)
+    torch.testing.assert_close(p, torch.tensor([1.0, 1.0, 0.0, 0.0]))
+
+
+def test_gumbel_where_x_over_tau_overflows():
+    # a finite x whose x / τ overflows was neither finite nor clamped: NaN from the softmax
+    p = khot.soft_topk(torch.tensor([5.0, 0.0, 1.0]), 1, method="gumbel", temperature=1e-38, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(p, torch.tensor([1.0, 0.0, 0.0]))

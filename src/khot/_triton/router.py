@@ -1,10 +1,11 @@
 """Triton kernel of the MoE router op ``khot::router_topk`` (see :mod:`khot.nn._router_op`).
 
 One program per token holds its row of expert logits (up to 512 experts, on-chip) and, in one
-pass: the scores (softmax in float32, or sigmoid), rounded to the logits' dtype and ranked by
-their order-preserving integer keys (ties to the lower expert, NaN first, as
-:func:`khot.select_topk`); the top k by k arg-max reductions, best first; the renormalised
-weights; and the expert counts, added atomically.
+pass: the scores (softmax in float32, or sigmoid), rounded to the logits' dtype; the experts
+ranked by the order-preserving integer keys of their logits (ties to the lower expert, NaN
+first, as :func:`khot.select_topk` of the logits in the eager path); the top k by k arg-max
+reductions, best first; the renormalised weights (a softmax of the chosen logits or of their
+log-sigmoids); and the expert counts, added atomically.
 """
 
 from __future__ import annotations

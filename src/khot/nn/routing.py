@@ -35,9 +35,11 @@ class TopKRouter(nn.Module):
     ``logits = gate(x)`` (a linear map, no bias by default); the scores are
     ``softmax(logits)`` over the experts (``score="softmax"``, Mixtral) or
     ``sigmoid(logits)`` (``score="sigmoid"``, DeepSeek-V3); each token takes the ``k``
-    experts with the highest scores (:func:`khot.select_topk`: ties go to the lower
-    expert index) with their scores as weights, divided by their sum when
-    ``renormalize``. Any leading dimensions of ``x`` are flattened into tokens.
+    experts with the highest scores, ranked by their logits (the same order, without the ties
+    that rounding the scores to a half dtype makes; :func:`khot.select_topk`: ties go to the
+    lower expert index) with their scores as weights, divided by their sum when
+    ``renormalize`` (in log space: finite where the scores underflow). Any leading dimensions
+    of ``x`` are flattened into tokens.
 
     Statistics, all over the tokens of the call: ``expert_load`` ``f_e`` is the fraction of
     the ``T * k`` token-to-expert assignments that go to expert ``e`` (so ``k * f_e`` is

@@ -81,8 +81,8 @@ def clamp_infinite(x: Tensor, tau: Tensor, margin: float) -> Tensor:
     finite value (0 for a slice without one), so that every later step stays finite. Only finite
     entries are divided: an infinite one then carries no gradient in ``τ`` (``inf / τ`` would make it
     ``0 * inf = NaN``), only its bound does."""
-    finite = torch.isfinite(x)
-    z = torch.where(finite, torch.where(finite, x, 0) / tau, x)
+    z = torch.where(torch.isfinite(x), torch.where(torch.isfinite(x), x, 0) / tau, x)
+    finite = torch.isfinite(z)  # also where x / τ overflowed: clamped like an infinity
     hi = torch.where(finite, z, -math.inf).amax(-1, keepdim=True)
     lo = torch.where(finite, z, math.inf).amin(-1, keepdim=True)
     none = hi < lo

@@ -8,8 +8,8 @@ Ahmed, Zeng, Niepert & Van den Broeck, "SIMPLE: A Gradient Estimator for k-Subse
 :func:`khot.sampling.conditional_poisson_marginals` (a log-space dynamic programme in float64,
 ``O(n k)``, differentiable by autograd). ``±inf`` scores are placed 1000 τ beyond the finite ones
 first, so masked items get 0 (and take part only when fewer than ``k`` others remain); finite
-scores more than 10^4 τ below the largest are taken as 10^4 τ below it (their probability is 0
-in float64 either way, unless ``k`` exceeds the number of the others: then they share alike).
+scores more than 10^4 τ above or below the ``k``-th largest are taken as 10^4 τ from it (their
+probability is 1 or 0 to within e^{-10^4} either way).
 
 Second derivatives are not available: the programme's ``torch.logcumsumexp`` has a first
 derivative but its double backward returns NaN (torch 2.13), so Hessian-vector products and
@@ -38,7 +38,7 @@ __all__ = ["DEFAULT_TEMPERATURE", "simple_topk"]
 #: Default ``τ`` (score units).
 DEFAULT_TEMPERATURE = 1.0
 _MARGIN = 1000.0
-_RANGE = 1e4  # finite scores further below the largest (in units of τ) have probability e^{-10^4} = 0 unless forced in
+_RANGE = 1e4  # finite scores further from the k-th largest (in units of τ) have probability 1 or 0 to e^{-10^4}
 
 
 def simple_topk(x: Tensor, k: int | Tensor, dim: int = -1, *, temperature: float | Tensor = DEFAULT_TEMPERATURE) -> Tensor:
@@ -60,14 +60,19 @@ def simple_topk(x: Tensor, k: int | Tensor, dim: int = -1, *, temperature: float
         2.0
     """
     rows = Rows(x, k, dim, temperature, real_k=False)
-    _, tau = rows.tensors()
+    kt, tau = rows.tensors()
+    if rows.x.shape[-1] == 0:
+        return rows.restore(torch.zeros_like(rows.x))
     z = checked(rows.x.to(work_dtype(rows.x)), rows.x.detach().masked_fill(rows.x.detach().isinf(), 0), "x", -math.inf, math.inf, what="not hold NaN (this method has no NaN slices)")
-    # the design is shift-invariant: the largest finite score moves to 0, and finite scores over
-    # _RANGE τ below it are taken as _RANGE τ below (the programme's float64 sums lose a finite
-    # logit's digits past about 1e15: a -1e16 mask gave probabilities above 1)
+    # the design is shift-invariant: the k-th largest finite score moves to 0, and finite scores over
+    # _RANGE τ from it are taken as _RANGE τ from it (the programme's float64 sums lose a logit's
+    # digits past about 1e15: a -1e16 mask gave probabilities above 1); scores that far above the
+    # k-th are in, and that far below out, to e^{-10^4}
     finite = torch.isfinite(z)
-    top = torch.where(finite, z, -math.inf).amax(-1, keepdim=True).detach()
-    top = torch.where(top > -math.inf, top, 0)
-    z = torch.where(finite, torch.maximum(z - top, -_RANGE * tau), z)
+    ranked = torch.where(finite, z, -math.inf).detach().sort(-1, descending=True).values
+    center = ranked.gather(-1, (kt - 1).clamp(0, z.shape[-1] - 1).long().unsqueeze(-1))
+    center = torch.where(center > -math.inf, center, ranked[..., :1])  # fewer finite scores than k: the largest
+    center = torch.where(center > -math.inf, center, 0)
+    z = torch.where(finite, (z - center).clamp(-_RANGE * tau, _RANGE * tau), z)
     logits = clamp_infinite(z, tau, _MARGIN)
     return rows.restore(conditional_poisson_marginals(logits, rows.k).to(x.dtype))
