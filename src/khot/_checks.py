@@ -14,7 +14,7 @@ import numbers
 import torch
 
 __all__ = [
-    "check_range", "checked",
+    "check_range", "checked", "checked_no_nan",
     "check_tensor",
     "normalize_dim",
     "check_count",
@@ -104,6 +104,12 @@ def checked(out: torch.Tensor, t: torch.Tensor, name: str, low: float, high: flo
         _check_range_now(t, name, low, high, open_low, what)
         return out
     return out + _check_range_op(t.detach(), name, float(low), float(high), open_low, what).to(out.dtype)
+
+
+def checked_no_nan(out: torch.Tensor, t: torch.Tensor, name: str, why: str = "") -> torch.Tensor:
+    """:func:`checked` that ``t`` holds no NaN (``±inf`` entries pass); ``why`` ends the message."""
+    t = t.detach()
+    return checked(out, t.masked_fill(t.isinf(), 0), name, -math.inf, math.inf, what="not hold NaN" + why)
 
 
 def _describe(value) -> str:

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["_ordered", "_magnitude", "_rankable", "ranking_key"]
+__all__ = ["_ordered", "_magnitude", "_rankable", "ranking_key", "WIDE_UNSIGNED"]
+
+#: Unsigned integers that ATen's CPU max, topk, comparisons, gather and scatter do not take.
+WIDE_UNSIGNED = (torch.uint16, torch.uint32, torch.uint64)
 
 _ORDER_INT = {
     torch.float64: torch.int64,
@@ -46,11 +49,9 @@ def _rankable(x: torch.Tensor) -> torch.Tensor:
     >>> _rankable(torch.tensor([2**63, 1, 2**64 - 1], dtype=torch.uint64)).argsort().tolist()
     [1, 0, 2]
     """
-    if x.dtype in (torch.uint16, torch.uint32):
-        return x.long()
     if x.dtype == torch.uint64:
         return x.view(torch.int64) ^ torch.iinfo(torch.int64).min
-    return x
+    return x.long() if x.dtype in WIDE_UNSIGNED else x
 
 
 def _magnitude(x: torch.Tensor) -> torch.Tensor:
@@ -65,7 +66,7 @@ def _magnitude(x: torch.Tensor) -> torch.Tensor:
     """
     if x.is_floating_point():
         return x.abs()
-    if x.dtype in (torch.uint8, torch.uint16, torch.uint32, torch.uint64):
+    if not x.dtype.is_signed:
         return _rankable(x)
     if x.dtype != torch.int64:
         return x.long().abs()

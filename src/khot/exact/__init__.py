@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from .._backend import custom_op, forced_backend
+from .._order import WIDE_UNSIGNED
 from .._checks import _readable_cpu, check_count, check_flag, check_rows, check_tensor, normalize_dim
 from . import _cpu, _portable
 
@@ -100,7 +101,7 @@ def _direct(*tensors: Tensor | None) -> bool:
 def _check_gatherable(name: str, t: torch.Tensor) -> None:
     """uint16, uint32 and uint64 lack most of PyTorch's CPU kernels (comparisons, gather, scatter):
     :func:`topk_mask` ranks them, the ops that return their values do not."""
-    if t.dtype in (torch.uint16, torch.uint32, torch.uint64):
+    if t.dtype in WIDE_UNSIGNED:
         raise TypeError(f"{name} has dtype {t.dtype}, which PyTorch's CPU kernels do not compare or gather; convert it to torch.int64 (topk_mask takes it)")
 
 

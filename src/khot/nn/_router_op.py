@@ -24,10 +24,10 @@ from torch import Tensor
 from .._backend import custom_op
 from ..exact import select_topk
 
-__all__ = ["router_topk", "weights_of"]
+__all__ = ["router_topk"]
 
 
-def weights_of(logits: Tensor, indices: Tensor, softmax: bool, renormalize: bool) -> Tensor:
+def _weights_of(logits: Tensor, indices: Tensor, softmax: bool, renormalize: bool) -> Tensor:
     """The scores (softmax or sigmoid of ``logits``) of the experts ``indices``; ``renormalize``: divided
     by their sum, computed as a softmax of the chosen logits (of their log-sigmoids), which stays
     finite where every sigmoid score underflows (float16 logits below -17: 0 / 0 otherwise)."""
@@ -41,7 +41,7 @@ def _portable(logits: Tensor, k: int, softmax: bool, renormalize: bool) -> tuple
     # the experts ranked by their logits: the scores' order, without the ties their rounding makes
     # (two bfloat16 sigmoid scores of logits 7 and 8 are both 1.0)
     indices = select_topk(logits.unsqueeze(-1), logits, k)[1]
-    weights = weights_of(logits, indices, softmax, renormalize)
+    weights = _weights_of(logits, indices, softmax, renormalize)
     counts = torch.zeros(logits.shape[-1], dtype=torch.int64, device=logits.device)
     counts = counts.scatter_add(0, indices.flatten(), torch.ones_like(indices.flatten()))
     return weights, indices, counts
@@ -66,7 +66,7 @@ def _backward(ctx, grad_weights, _indices, _counts):
     logits, indices = ctx.saved_tensors
     with torch.enable_grad():
         z = logits.detach().requires_grad_()
-        (grad,) = torch.autograd.grad(weights_of(z, indices, ctx.softmax, ctx.renormalize), z, grad_weights)
+        (grad,) = torch.autograd.grad(_weights_of(z, indices, ctx.softmax, ctx.renormalize), z, grad_weights)
     return grad, None, None, None
 
 

@@ -121,10 +121,6 @@ def _bisect(lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
     return _key(mid).view(torch.float64), (mid == a) | (mid == b)
 
 
-def _log(v: float | Tensor) -> float | Tensor:
-    return math.log(v) if isinstance(v, float) else v.log()
-
-
 def _logit(v: float | Tensor) -> float | Tensor:
     """``log(v / (1 - v))``, ``∓inf`` at 0 and 1 for numbers as for tensors (``k`` below 1e-16 rounds
     ``k - ⌈k⌉ + 1`` to 0 in ``_order_bracket``)."""

@@ -64,9 +64,9 @@ def _threshold_portable(z: Tensor, k: Tensor) -> Tensor:
     # a score counts only through clip(s - t, 0, 1), and t lies in [s_c - 1, s_c) for the c-th largest
     # score s_c (c = ceil(k)): moved by s_c and clamped to [-2, 1], every score keeps its p and t its
     # place, and the prefix sums below no longer cancel (a -1e9 mask took the other scores' digits)
-    c = k.ceil().clamp(1, n).long().unsqueeze(-1)
-    center = s.clamp(lo, hi).gather(-1, n - c)
-    s = (s.clamp(lo, hi) - center).clamp_(-2, 1)
+    s = s.clamp(lo, hi)
+    center = s.gather(-1, n - k.ceil().clamp(1, n).long().unsqueeze(-1))
+    s = (s - center).clamp_(-2, 1)
     csum = s.cumsum(-1, dtype=torch.float64)
 
     def prefix(m: Tensor) -> Tensor:  # Σ_{i < m} s_i

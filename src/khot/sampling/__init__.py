@@ -129,7 +129,7 @@ import math
 import torch
 from torch import Tensor
 
-from .._checks import check_choice, check_range, check_tensor, checked, normalize_dim
+from .._checks import check_choice, check_range, check_tensor, checked, checked_no_nan, normalize_dim
 from ..exact import topk_mask
 from ..relaxed.sigmoid import sigmoid_topk
 from .conditional_poisson import conditional_poisson_marginals
@@ -300,7 +300,7 @@ def sample_khot(
     d = normalize_dim(dim, x.dim())
     _check_generator(generator, x, "x")
     # π is NaN exactly on the slices of x holding NaN: say so about x (±inf entries are fine)
-    pi = checked(pi, x.detach().masked_fill(x.detach().isinf(), 0), "x", -math.inf, math.inf, what="not hold NaN")
+    pi = checked_no_nan(pi, x, "x")
     batch = pi.movedim(d, -1).shape[:-1]
     # +inf items are always drawn and -inf items never: k must allow both (else "exactly k" breaks)
     scores = x.detach().movedim(d, -1) if x.dim() else x.detach().reshape(1)
